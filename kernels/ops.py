@@ -1,0 +1,90 @@
+"""rotquant custom ops (`torch.ops.rotquant.*`): one definition, a torch reference for every
+device, a fake (meta) implementation for torch.compile, and CUDA overrides registered by
+`vllm_rotquant.kernels.triton_ops` when Triton and a GPU are present.
+
+Weights reach `w4a4_gemm` either in the canonical packed layout (uint8 [N, K/2]) or unpacked
+(int8 [N, K], what the CPU path keeps after loading); the reference accepts both.
+"""
+from __future__ import annotations
+
+import torch
+
+from vllm_rotquant.format import unpack_int4
+from vllm_rotquant.kernels import reference as ref
+
+
+def _weight_int(w: torch.Tensor) -> torch.Tensor:
+    return unpack_int4(w) if w.dtype == torch.uint8 else w
+
+
+def _weight_k(w: torch.Tensor) -> int:
+    return w.shape[1] * 2 if w.dtype == torch.uint8 else w.shape[1]
+
+
+@torch.library.custom_op("rotquant::quant_act", mutates_args=())
+def quant_act(x: torch.Tensor, clip: float, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token symmetric quantization of x [M, K] -> (int8 [M, K], float32 scale [M, 1])."""
+    return ref.quant_act_ref(x, clip, bits)
+
+
+@quant_act.register_fake
+def _(x, clip, bits):
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
+
+
+@torch.library.custom_op("rotquant::hadamard_quant", mutates_args=())
+def hadamard_quant(x: torch.Tensor, block: int, clip: float, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block Hadamard along K, then per-token quantization (fused on CUDA)."""
+    return ref.hadamard_quant_ref(x, block, clip, bits)
+
+
+@hadamard_quant.register_fake
+def _(x, block, clip, bits):
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
+
+
+@torch.library.custom_op("rotquant::hadamard", mutates_args=())
+def hadamard(x: torch.Tensor, block: int) -> torch.Tensor:
+    """Block-diagonal normalized Hadamard along the last dim, in x's dtype (R3 on query/key)."""
+    return ref.hadamard_ref(x, block).to(x.dtype)
+
+
+@hadamard.register_fake
+def _(x, block):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("rotquant::w4a4_gemm", mutates_args=())
+def w4a4_gemm(qa: torch.Tensor, sa: torch.Tensor, w: torch.Tensor, sw: torch.Tensor,
+              out_dtype: torch.dtype) -> torch.Tensor:
+    """Quantized activations x INT4 weights, exact integer accumulation, scaled epilogue."""
+    return ref.w4a4_gemm_ref(qa, sa, _weight_int(w), sw, out_dtype)
+
+
+@w4a4_gemm.register_fake
+def _(qa, sa, w, sw, out_dtype):
+    return qa.new_empty((qa.shape[0], w.shape[0]), dtype=out_dtype)
+
+
+def rotquant_linear(x: torch.Tensor, w: torch.Tensor, sw: torch.Tensor, bias: torch.Tensor | None,
+                    act_bits: int, clip: float, hadamard_block: int | None) -> torch.Tensor:
+    """The whole quantized linear, as vLLM's apply and the offline simulation both run it:
+    [online block Hadamard] -> per-token activation quantization -> INT4 GEMM (+ bias)."""
+    k = _weight_k(w)
+    if x.shape[-1] != k:
+        raise ValueError(f"rotquant linear: input has {x.shape[-1]} features, weight expects {k}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    if act_bits >= 16:
+        if hadamard_block:
+            x2 = hadamard(x2, hadamard_block)
+        out = x2 @ ref.dequant_weight_ref(_weight_int(w), sw, x2.dtype).T
+    else:
+        if hadamard_block:
+            qa, sa = hadamard_quant(x2, hadamard_block, clip, act_bits)
+        else:
+            qa, sa = quant_act(x2, clip, act_bits)
+        out = w4a4_gemm(qa, sa, w, sw, x.dtype)
+    if bias is not None:
+        out = out + bias
+    return out.reshape(*lead, w.shape[0])

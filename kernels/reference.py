@@ -1,0 +1,85 @@
+"""Torch reference implementations: they *define* the semantics every kernel must reproduce.
+
+- Activations: per-token symmetric quantization, computed in float32:
+  scale = clip * max|x| / qmax (qmax = 2^(bits-1) - 1; an all-zero row gets scale 1),
+  q = clamp(round_half_even(x / scale), -qmax-1, qmax).
+- Online Hadamard: block-diagonal, x.view(..., K/block, block) @ H_block in float32.
+- GEMM: acc = sum_k qa[m,k] * w[n,k] exactly (integer), out = acc * sa[m] * sw[n] in float32,
+  rounded once to the output dtype. With groups: out = sa[m] * sum_g acc_g[m,n] * sw[n,g].
+
+Integer products of INT4/INT8 values summed over K stay below 2^24 for the sizes we serve, so a
+float32 matmul computes the integer accumulation exactly (float64 is used past that bound).
+"""
+from __future__ import annotations
+
+import torch
+
+from vllm_rotquant.kernels.hadamard import hadamard_matrix
+
+_FP32_EXACT = 2 ** 24
+
+
+def qmax(bits: int) -> int:
+    return 2 ** (bits - 1) - 1
+
+
+def quant_act_ref(x: torch.Tensor, clip: float, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., K] float -> (q int8 [..., K], scale float32 [..., 1])."""
+    xf = x.float()
+    amax = xf.abs().amax(dim=-1, keepdim=True)
+    scale = amax * clip / qmax(bits)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.clamp(torch.round(xf / scale), -qmax(bits) - 1, qmax(bits)).to(torch.int8)
+    return q, scale
+
+
+def hadamard_ref(x: torch.Tensor, block: int) -> torch.Tensor:
+    """Block-diagonal normalized Hadamard along the last dim, float32 result."""
+    k = x.shape[-1]
+    if k % block:
+        raise ValueError(f"hadamard: last dimension {k} is not a multiple of block {block}")
+    h = hadamard_matrix(block, torch.float32, x.device)
+    return (x.float().reshape(*x.shape[:-1], k // block, block) @ h).reshape(x.shape)
+
+
+def hadamard_quant_ref(x: torch.Tensor, block: int, clip: float, bits: int):
+    """Fused online Hadamard + per-token quantization (reference: the two steps in sequence)."""
+    return quant_act_ref(hadamard_ref(x, block), clip, bits)
+
+
+def _exact_matmul_dtype(k: int, a_bound: int, b_bound: int) -> torch.dtype:
+    return torch.float32 if k * a_bound * b_bound < _FP32_EXACT else torch.float64
+
+
+def int_matmul_ref(qa: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Exact integer qa [M, K] @ w[N, K].T as float (an integer-valued tensor)."""
+    bound_a = int(qa.abs().max()) if qa.numel() else 0
+    bound_w = int(w.abs().max()) if w.numel() else 0
+    dt = _exact_matmul_dtype(qa.shape[-1], bound_a, bound_w)
+    return qa.to(dt) @ w.to(dt).T
+
+
+def w4a4_gemm_ref(qa: torch.Tensor, sa: torch.Tensor, w_int: torch.Tensor, sw: torch.Tensor,
+                  out_dtype: torch.dtype) -> torch.Tensor:
+    """qa int8 [M, K], sa f32 [M, 1], w_int int8 [N, K] (unpacked), sw [N, G] -> [M, N] out_dtype."""
+    m, k = qa.shape
+    n, groups = sw.shape
+    swf = sw.float()
+    if groups == 1:
+        acc = int_matmul_ref(qa, w_int).float()
+        out = acc * sa.float() * swf.T
+    else:
+        g = k // groups
+        bound = int(qa.abs().max()) if qa.numel() else 0
+        dt = _exact_matmul_dtype(g, bound, 8)
+        acc = qa.to(dt).reshape(m, groups, g).transpose(0, 1) @ w_int.to(dt).reshape(n, groups, g).permute(1, 2, 0)
+        out = (acc.float() * swf.T[:, None, :]).sum(0) * sa.float()
+    return out.to(out_dtype)
+
+
+def dequant_weight_ref(w_int: torch.Tensor, sw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """int8 [N, K] x scale [N, G] -> float weight [N, K] (for W4A16)."""
+    n, k = w_int.shape
+    groups = sw.shape[1]
+    w = w_int.float().reshape(n, groups, k // groups) * sw.float()[:, :, None]
+    return w.reshape(n, k).to(dtype)
