@@ -1,0 +1,97 @@
+"""Layer-by-layer execution of a decoder on calibration tokens, so that calibration never needs
+the whole model on the accelerator: only the embeddings (once) and one decoder layer at a time
+move to `device`; hidden states between layers stay on `store` (CPU by default)."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from vllm_rotquant.offline.rotate import layers_of
+
+
+class _Stop(Exception):
+    pass
+
+
+class _Catcher(nn.Module):
+    """Stands in for layer 0: records its inputs and stops the forward pass."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+        self.inputs: list[torch.Tensor] = []
+        self.kwargs: dict[str, Any] | None = None
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.inputs.append(hidden_states.detach())
+        if self.kwargs is None:
+            self.kwargs = kwargs
+        raise _Stop
+
+
+@dataclass
+class LayerInputs:
+    """Hidden states entering the current layer ([n, T, hidden], on `store`) and the
+    layer call's keyword arguments (rotary embeddings, mask) on `device`."""
+
+    hidden: torch.Tensor
+    kwargs: dict[str, Any]
+    device: torch.device
+    batch_size: int = 8
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _to(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device) for o in obj)
+    return obj
+
+
+@torch.no_grad()
+def capture_first_layer_inputs(model, token_windows: torch.Tensor, device: torch.device | str,
+                               batch_size: int = 8, store: torch.device | str = "cpu") -> LayerInputs:
+    """Run the embeddings on `token_windows` [n, T] and return what enters layer 0."""
+    device = torch.device(device)
+    inner = model.model
+    moved = [inner.embed_tokens, inner.rotary_emb]
+    for m in moved:
+        m.to(device)
+    layers = layers_of(model)
+    catcher = _Catcher(layers[0])
+    layers[0] = catcher
+    try:
+        for i in range(0, token_windows.shape[0], batch_size):
+            with contextlib.suppress(_Stop):
+                model(input_ids=token_windows[i: i + batch_size].to(device), use_cache=False)
+    finally:
+        layers[0] = catcher.layer
+        for m in moved:
+            m.to("cpu")
+    kwargs = {k: _to(v, device) for k, v in catcher.kwargs.items()
+              if k not in ("past_key_values", "use_cache", "cache_position")}
+    hidden = torch.cat([h.to(store) for h in catcher.inputs])
+    return LayerInputs(hidden=hidden, kwargs=kwargs, device=device, batch_size=batch_size)
+
+
+@torch.no_grad()
+def run_layer(layer: nn.Module, inputs: LayerInputs, keep_outputs: bool = True) -> torch.Tensor | None:
+    """Forward `layer` (already on inputs.device) over all hidden states, batch by batch.
+    Hooks registered on the layer's modules observe every batch."""
+    outs = []
+    for i in range(0, inputs.hidden.shape[0], inputs.batch_size):
+        x = inputs.hidden[i: i + inputs.batch_size].to(inputs.device)
+        kwargs = dict(inputs.kwargs)
+        pe = kwargs.get("position_embeddings")
+        if pe is not None and pe[0].shape[0] not in (1, x.shape[0]):
+            kwargs["position_embeddings"] = tuple(t[: x.shape[0]] for t in pe)
+        y = layer(x, **kwargs)
+        y = y[0] if isinstance(y, tuple) else y
+        if keep_outputs:
+            outs.append(y.to(inputs.hidden.device))
+    return torch.cat(outs) if keep_outputs else None

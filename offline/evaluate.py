@@ -1,0 +1,57 @@
+"""Perplexity of an HF model or a simulated rotquant checkpoint on token windows."""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from vllm_rotquant.offline import data
+from vllm_rotquant.offline.model_io import load_hf_model, load_tokenizer
+from vllm_rotquant.offline.simulate import is_rotquant_checkpoint, load_simulated
+
+
+def load_for_eval(model_dir: str | Path, dtype: torch.dtype):
+    """The simulation for a rotquant checkpoint, the plain model otherwise."""
+    if is_rotquant_checkpoint(model_dir):
+        return load_simulated(model_dir, dtype)
+    return load_hf_model(model_dir, dtype)
+
+
+@torch.no_grad()
+def perplexity(model, windows: torch.Tensor, batch_size: int = 4, device: str = "cpu",
+               progress: bool = True) -> dict:
+    """exp(mean next-token NLL) over all windows (each window scored from its first token)."""
+    model.to(device)
+    nll, count = 0.0, 0
+    t0 = time.time()
+    for i in tqdm(range(0, windows.shape[0], batch_size), desc="eval", unit="batch", disable=not progress):
+        ids = windows[i: i + batch_size].to(device)
+        logits = model(input_ids=ids, use_cache=False).logits.float()
+        if not torch.isfinite(logits).all():
+            raise FloatingPointError(f"non-finite logits in windows {i}..{i + ids.shape[0] - 1}")
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                 ids[:, 1:].reshape(-1), reduction="sum")
+        nll += loss.item()
+        count += ids[:, 1:].numel()
+    return {"ppl": math.exp(nll / count), "nll": nll / count, "tokens": count,
+            "windows": int(windows.shape[0]), "seq_len": int(windows.shape[1]),
+            "seconds": round(time.time() - t0, 2)}
+
+
+def evaluate(model_dir: str | Path, text: str, seq_len: int = 512, windows: int = 16,
+             dtype: torch.dtype = torch.bfloat16, batch_size: int = 4, device: str = "cpu",
+             progress: bool = True) -> dict:
+    tokenizer = load_tokenizer(model_dir)
+    ids = data.tokenize(tokenizer, data.load_text(text))
+    win = data.eval_windows(ids, seq_len, windows)
+    model = load_for_eval(model_dir, dtype)
+    result = perplexity(model, win, batch_size, device, progress)
+    spec = getattr(model, "rotquant_spec", None)
+    result.update(model=str(model_dir), data=text, dtype=str(dtype).split(".")[-1],
+                  quantization=None if spec is None else {"rotation": spec.rotation, "act_bits": spec.act_bits,
+                                                          "weight_bits": spec.weight_bits,
+                                                          "method": spec.calibration.get("method")})
+    return result

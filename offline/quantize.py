@@ -1,0 +1,117 @@
+"""Weight quantizers: symmetric INT4 per output channel (or per group), RTN with a clipping
+search, and GPTQ (act-order, dampening, lazy block updates) on calibration Hessians."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+CLIP_GRID = torch.linspace(1.0, 0.5, 21).tolist()
+
+
+def qmax(bits: int) -> int:
+    return 2 ** (bits - 1) - 1
+
+
+def _grouped(w: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    n, k = w.shape
+    g = group_size or k
+    if k % g:
+        raise ValueError(f"group_size {g} does not divide in_features {k}")
+    return w.reshape(n, k // g, g)
+
+
+def search_scales(w: torch.Tensor, bits: int, group_size: int | None, norm: float = 2.4) -> torch.Tensor:
+    """Per-row (or per-group) scales [N, G]: the clip ratio on max|w| that minimises the
+    |w - q(w)|^norm error, searched on a grid (the GPTQ/QuaRot MSE-clip heuristic)."""
+    wg = _grouped(w.double(), group_size)
+    amax = wg.abs().amax(dim=-1).clamp_min(1e-12)
+    best_err = torch.full_like(amax, math.inf)
+    best = amax / qmax(bits)
+    for ratio in CLIP_GRID:
+        scale = amax * ratio / qmax(bits)
+        q = torch.clamp(torch.round(wg / scale[..., None]), -qmax(bits) - 1, qmax(bits))
+        err = ((q * scale[..., None] - wg).abs() ** norm).sum(-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, scale, best)
+    return best
+
+
+def quantize_with_scales(w: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
+    """int8 [N, K] from float w and scales [N, G]."""
+    n, k = w.shape
+    g = k // scales.shape[1]
+    q = torch.round(w.double().reshape(n, -1, g) / scales.double()[..., None])
+    return torch.clamp(q, -qmax(bits) - 1, qmax(bits)).reshape(n, k).to(torch.int8)
+
+
+def dequantize(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    n, k = q.shape
+    g = k // scales.shape[1]
+    return (q.double().reshape(n, -1, g) * scales.double()[..., None]).reshape(n, k)
+
+
+def rtn(w: torch.Tensor, bits: int = 4, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest with clipping search -> (int8 [N, K], scales [N, G] float32)."""
+    scales = search_scales(w, bits, group_size)
+    return quantize_with_scales(w, scales, bits), scales.float()
+
+
+def gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group_size: int | None = None,
+         damp: float = 0.01, block: int = 128, act_order: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ (Frantar et al. 2022) -> (int8 [N, K], scales [N, G] float32).
+
+    Scales are fixed up front from the clip search on the original weight ("static groups"), so
+    act-order permutes columns freely without changing which scale a column uses.
+    hessian: sum of x^T x over calibration tokens, [K, K].
+    """
+    n, k = w.shape
+    w = w.double().clone()
+    h = hessian.double().clone()
+    scales = search_scales(w, bits, group_size)
+    g = k // scales.shape[1]
+    col_scale = scales.repeat_interleave(g, dim=1)  # [N, K]: scale of every column
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    perm = torch.argsort(torch.diagonal(h), descending=True) if act_order else torch.arange(k)
+    w = w[:, perm]
+    col_scale = col_scale[:, perm]
+    h = h[perm][:, perm]
+    h += torch.eye(k, dtype=h.dtype) * damp * torch.diagonal(h).mean()
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    q_all = torch.zeros_like(w)
+    lo, hi = -qmax(bits) - 1, qmax(bits)
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = w1[:, i]
+            s = col_scale[:, i1 + i]
+            q = torch.clamp(torch.round(col / s), lo, hi)
+            q_all[:, i1 + i] = q
+            err = (col - q * s) / hinv1[i, i]
+            w1[:, i:] -= err[:, None] * hinv1[i, i:][None, :]
+            err1[:, i] = err
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    inv = torch.argsort(perm)
+    return q_all[:, inv].to(torch.int8), scales.float()
+
+
+class HessianAccumulator:
+    """Running sum of x^T x (float64) over a linear's inputs; forward hook friendly."""
+
+    def __init__(self, in_features: int, device: torch.device | str = "cpu"):
+        self.h = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
+        self.tokens = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).to(self.h.device, torch.float64)
+        self.h += x.T @ x
+        self.tokens += x.shape[0]
+
+    def hook(self, module, args, output) -> None:
+        self.add(args[0].detach())

@@ -1,0 +1,135 @@
+"""Run a rotquant checkpoint in torch with exactly the arithmetic of the served model: every
+quantized linear goes through `rotquant_linear` (the same custom ops vLLM's linear method
+calls), R4 on the down_proj input, and R3 (per-head Hadamard on query and key after RoPE)
+through a registered transformers attention function."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from vllm_rotquant.format import (PACKED_SUFFIX, QUANTIZED_PROJECTIONS, SCALE_SUFFIX, CheckpointError,
+                                  RotQuantSpec, read_spec, unpack_int4, validate_tensors)
+from vllm_rotquant.kernels import ops
+
+log = logging.getLogger(__name__)
+
+R3_ATTENTION = "rotquant_r3_sdpa"
+
+
+class SimQuantLinear(nn.Module):
+    """A quantized linear as the kernels compute it (int8-unpacked INT4 weights + scales)."""
+
+    def __init__(self, w_int: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                 act_bits: int, clip: float, hadamard_block: int | None):
+        super().__init__()
+        self.register_buffer("w_int", w_int)
+        self.register_buffer("scale", scale)
+        self.register_buffer("bias", bias)
+        self.act_bits, self.clip, self.hadamard_block = act_bits, clip, hadamard_block
+        self.out_features, self.in_features = w_int.shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.rotquant_linear(x, self.w_int, self.scale, self.bias, self.act_bits, self.clip, self.hadamard_block)
+
+
+def _register_r3_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    def r3_sdpa(module, query, key, value, attention_mask, **kwargs):
+        block = module.config.rotquant_qk_block
+        query = ops.hadamard(query, block)
+        key = ops.hadamard(key, block)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register(R3_ATTENTION, r3_sdpa)
+
+
+def _read_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{model_dir}: no *.safetensors files")
+    tensors = {}
+    for f in files:
+        try:
+            with safe_open(f, framework="pt") as fh:
+                for k in fh.keys():
+                    if k in tensors:
+                        raise CheckpointError(f"{f}: tensor '{k}' appears in two files")
+                    tensors[k] = fh.get_tensor(k)
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
+    return tensors
+
+
+def load_simulated(model_dir: str | Path, dtype: torch.dtype = torch.bfloat16):
+    """An HF model that simulates the rotquant checkpoint at `model_dir` (validated first)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_dir = Path(model_dir)
+    spec, cfg_dict = read_spec(model_dir)
+    if spec is None:
+        raise CheckpointError(f"{model_dir}/config.json: not a rotquant checkpoint (no quantization_config "
+                              f"with quant_method 'rotquant')")
+    tensors = _read_tensors(model_dir)
+    validate_tensors(spec, cfg_dict, {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()}, str(model_dir))
+    for name, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise CheckpointError(f"{model_dir}: tensor '{name}' contains NaN or Inf")
+
+    config = AutoConfig.from_pretrained(model_dir)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    quantized = _install_quant_linears(model, spec, tensors, dtype)
+    rest = {k: v.to(dtype) for k, v in tensors.items() if k.rsplit(".", 1)[0] not in quantized}
+    missing, unexpected = model.load_state_dict(rest, strict=False, assign=True)
+    missing = [m for m in missing if "rotary_emb" not in m and m.rsplit(".", 1)[0] not in quantized]
+    if missing:
+        raise CheckpointError(f"{model_dir}: missing tensor '{missing[0]}'" + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""))
+    if unexpected:
+        raise CheckpointError(f"{model_dir}: unexpected tensor '{unexpected[0]}'")
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=model.config)  # rebuild buffers off meta
+    if spec.qk_block:
+        _register_r3_attention()
+        model.config.rotquant_qk_block = spec.qk_block
+        model.set_attn_implementation(R3_ATTENTION)
+    else:
+        model.set_attn_implementation("sdpa")
+    model.eval()
+    model.rotquant_spec = spec
+    return model
+
+
+def _install_quant_linears(model, spec: RotQuantSpec, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> set[str]:
+    names = set()
+    for i, layer in enumerate(model.model.layers):
+        for parent in ("self_attn", "mlp"):
+            owner = getattr(layer, parent)
+            for name in QUANTIZED_PROJECTIONS:
+                if not hasattr(owner, name):
+                    continue
+                prefix = f"model.layers.{i}.{parent}.{name}"
+                bias = tensors.get(f"{prefix}.bias")
+                lin = SimQuantLinear(
+                    unpack_int4(tensors[f"{prefix}.{PACKED_SUFFIX}"]), tensors[f"{prefix}.{SCALE_SUFFIX}"],
+                    None if bias is None else bias.to(dtype),
+                    spec.act_bits, spec.act_clip_ratio,
+                    spec.down_proj_block if name == "down_proj" else None)
+                setattr(owner, name, lin)
+                names.add(prefix)
+    return names
+
+
+def is_rotquant_checkpoint(model_dir: str | Path) -> bool:
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        return False
+    qc = json.loads(path.read_text()).get("quantization_config") or {}
+    return qc.get("quant_method") == "rotquant"
