@@ -2,8 +2,9 @@
 device, a fake (meta) implementation for torch.compile, and CUDA overrides registered by
 `vllm_rotquant.kernels.triton_ops` when Triton and a GPU are present.
 
-Weights reach `w4a4_gemm` either in the canonical packed layout (uint8 [N, K/2]) or unpacked
-(int8 [N, K], what the CPU path keeps after loading); the reference accepts both.
+Weights reach `w4a4_gemm` in the canonical packed layout (uint8 [N, K/2]), unpacked (int8 [N, K],
+what the CPU path keeps after loading) or in the CUDA kernels' layout (int32 [N, K/8], made once
+at load time by `prepare_weight`, see kernels/layout.py); the reference accepts all three.
 """
 from __future__ import annotations
 
@@ -11,14 +12,21 @@ import torch
 
 from vllm_rotquant.format import unpack_int4
 from vllm_rotquant.kernels import reference as ref
+from vllm_rotquant.kernels.layout import kernel_layout_to_int, prepare_weight, weight_in_features
+
+__all__ = ["quant_act", "hadamard_quant", "hadamard", "w4a4_gemm", "rotquant_linear", "prepare_weight"]
 
 
 def _weight_int(w: torch.Tensor) -> torch.Tensor:
-    return unpack_int4(w) if w.dtype == torch.uint8 else w
+    if w.dtype == torch.uint8:
+        return unpack_int4(w)
+    if w.dtype == torch.int32:  # kernel layout (prepare_weight)
+        return kernel_layout_to_int(w)
+    return w
 
 
 def _weight_k(w: torch.Tensor) -> int:
-    return w.shape[1] * 2 if w.dtype == torch.uint8 else w.shape[1]
+    return weight_in_features(w)
 
 
 @torch.library.custom_op("rotquant::quant_act", mutates_args=())
