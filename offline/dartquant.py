@@ -1,0 +1,338 @@
+"""DartQuant: learned R1 / R2 rotations by rotational distribution calibration.
+
+Method (Shao et al., "DartQuant: Efficient Rotational Distribution Calibration for LLM
+Quantization", NeurIPS 2025, arXiv 2511.04063; reference code CAS-CLab/DartQuant): instead of
+training the rotations end to end through the quantized model (SpinQuant), learn each rotation
+on the activations it acts on, so that the rotated activations become flat and uniform on a
+bounded range, which is what a per-token INT4 quantizer wants.
+
+1. Capture (no whole model on the accelerator). The folded (RMSNorm gains = 1), not yet rotated
+   model runs the calibration windows layer by layer (`calibrate.run_layer`, one layer on the
+   device at a time). Forward hooks keep a seeded random sub-sample of `samples` tokens per
+   layer of
+     - the inputs of q_proj and of up_proj (the normalized residual stream that R1 rotates;
+       every layer's two inputs are pooled into one training set for the one shared R1), and
+     - the inputs of o_proj, per head (what R2 rotates; one training set per layer).
+   The fp model is computationally invariant, so capturing on the unrotated model and rotating
+   inside the loss (x @ R) equals capturing on the rotated model.
+2. Whip loss (paper eq. 4), on rotated activations o = x R, averaged over tokens:
+       L(R) = mean_tokens  sum_{i=1..C}  exp(-|o_i|)
+   Its gradient -sign(o_i) exp(-|o_i|) is largest near zero: small values are pushed away from
+   zero while the rotation preserves the norm of every token, so the large values (outliers)
+   must shrink; a Laplace-like distribution is driven toward a uniform one on a smaller range
+   (the CDF map of Laplace(0, b) to U[-t, t] expands the centre and compresses the tails, and
+   exp(-|x|) is the shape of that map). It is applied to the raw activations, exactly as the
+   reference code does (the R1 data have per-token RMS 1 because the norms are folded).
+   For R2 the channels are those of the o_proj input: head i's slice is rotated by
+   R2[i // group] (GQA), and the loss sums over all heads' channels.
+3. QR-Orth (paper Alg. 1): a free latent matrix Z, initialised to the random Hadamard that the
+   pipeline would use otherwise, gives R = Q of the QR decomposition of Z at every step, with
+   the sign fix Q <- Q diag(sign(diag(R_qr))) (the unique QR with a positive diagonal, so R is a
+   continuous function of Z and R(Z0) = Z0 exactly for an orthogonal Z0). Z is optimised with
+   plain SGD + momentum on the whip loss; only R is kept: at the end R = QR(Z) in float64
+   (orthogonal to ~1e-15). R2 is one matrix per layer and KV head; all layers' R2 are
+   independent problems and are optimised together in one batched QR (the loss is their sum,
+   so each gets its own gradient).
+
+Hyper-parameters (keys of `QuantizeOptions.dartquant`, CLI `--dq-*`):
+  epochs   10     passes over the R1 token pool (reference: 10)
+  lr       1e-3   SGD learning rate for Z1 (reference: 1e-3; its 7B script 1.5e-3)
+  momentum 0.9    SGD momentum (reference: 0.9)
+  samples  2048   tokens kept per layer from each captured input (R1 pool = 2 x layers x samples)
+  batch    4096   tokens per SGD step for R1
+  r2_epochs, r2_lr, r2_batch   the same for R2 (defaults: 10, 1e-3, 256 tokens per layer)
+  cosine   False  cosine learning-rate decay over the steps (reference option, off by default)
+  windows  None   capture only the first N calibration windows (default: all)
+  capture_batch 8 windows per forward during the capture
+The reference trains R1 for 10 epochs on 10 % of 128 x 2048-token sequences per epoch (about
+130 steps of 64 x 2048 tokens) from all layers' q_proj / up_proj inputs, and R2 per layer;
+here the pools are token sub-samples kept in memory (a few hundred MB for a 7B model) instead of
+the full activations on disk (hundreds of GB), and steps are smaller and more numerous.
+Everything is seeded; on the CPU the result is bitwise reproducible.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from vllm_rotquant.offline import calibrate
+from vllm_rotquant.offline.rotate import head_geometry, layers_of
+
+log = logging.getLogger(__name__)
+
+DEFAULTS: dict[str, Any] = {
+    "epochs": 10,
+    "lr": 1e-3,
+    "momentum": 0.9,
+    "samples": 2048,
+    "batch": 4096,
+    "r2_epochs": 10,
+    "r2_lr": 1e-3,
+    "r2_batch": 256,
+    "cosine": False,
+    "windows": None,
+    "capture_batch": 8,
+}
+
+# The loss curves, timings and sizes of the last `learn_rotations` call (for reports and tests).
+LAST_RUN: dict[str, Any] = {}
+
+
+# ----------------------------------------------------------------------------- the two pieces
+def whip_loss(o: torch.Tensor) -> torch.Tensor:
+    """DartQuant's whip loss, mean over tokens of sum_i exp(-|o_i|). `o` is [tokens, C] or
+    [tokens, heads, head_dim] (then the sum runs over all C = heads * head_dim channels)."""
+    per_token = torch.exp(-o.abs()).flatten(1).sum(-1)
+    return per_token.mean()
+
+
+def qr_orth(z: torch.Tensor) -> torch.Tensor:
+    """R = Q of the QR decomposition of z (square, batched ok), sign-fixed so that the triangular
+    factor has a positive diagonal: unique, continuous in z, and qr_orth(Q) == Q for orthogonal Q."""
+    q, r = torch.linalg.qr(z)
+    d = torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))
+    d = torch.where(d == 0, torch.ones_like(d), d)
+    return q * d.unsqueeze(-2)
+
+
+def rotate_heads(x: torch.Tensor, r2: torch.Tensor) -> torch.Tensor:
+    """x [N, num_heads, head_dim] (o_proj input per query head), r2 [num_kv_heads, hd, hd]:
+    query head i is rotated by r2[i // group]."""
+    nq, nkv = x.shape[1], r2.shape[0]
+    group = nq // nkv
+    xg = x.reshape(x.shape[0], nkv, group, x.shape[2])
+    return torch.einsum("nkgi,kij->nkgj", xg, r2).reshape(x.shape)
+
+
+def rotate_heads_layers(x: torch.Tensor, r2: torch.Tensor) -> torch.Tensor:
+    """Batched over layers: x [L, N, num_heads, hd], r2 [L, num_kv_heads, hd, hd]."""
+    L, n, nq, hd = x.shape
+    nkv = r2.shape[1]
+    xg = x.reshape(L, n, nkv, nq // nkv, hd)
+    return torch.einsum("lnkgi,lkij->lnkgj", xg, r2).reshape(x.shape)
+
+
+# ----------------------------------------------------------------------------- capture
+class _TokenSampler:
+    """Forward hook that keeps the rows of a module's input whose global token index is selected."""
+
+    def __init__(self, mask: torch.Tensor):
+        self.mask = mask  # bool [n_windows * T]
+        self.offset = 0
+        self.rows: list[torch.Tensor] = []
+
+    def __call__(self, module, args, output=None):
+        x = args[0].detach()
+        flat = x.reshape(-1, x.shape[-1])
+        m = self.mask[self.offset: self.offset + flat.shape[0]]
+        self.offset += flat.shape[0]
+        if m.any():
+            self.rows.append(flat[m.to(flat.device)].float().cpu())
+
+    def result(self) -> torch.Tensor:
+        return torch.cat(self.rows) if self.rows else torch.empty(0)
+
+
+@dataclass
+class Captured:
+    """Sub-sampled activations: r1 [L, 2, S, hidden] (q_proj, up_proj inputs), r2 [L, S, nq, hd]."""
+
+    r1: torch.Tensor
+    r2: torch.Tensor
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _layer_mask(n_tokens: int, samples: int, seed: int, layer: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + 7919 * (layer + 1))
+    mask = torch.zeros(n_tokens, dtype=torch.bool)
+    if samples >= n_tokens:
+        mask[:] = True
+    else:
+        mask[torch.randperm(n_tokens, generator=g)[:samples]] = True
+    return mask
+
+
+@torch.no_grad()
+def capture(model, windows: torch.Tensor, device: str | torch.device = "cpu", samples: int = 2048,
+            seed: int = 0, batch_size: int = 8, layers: list[int] | None = None) -> Captured:
+    """Run `windows` [n, T] through the model layer by layer (one layer on `device` at a time) and
+    keep `samples` seeded random tokens per layer of the q_proj, up_proj and o_proj inputs.
+    `layers`: keep only these layers' samples (the forward still runs up to the last of them)."""
+    t0 = time.time()
+    config = model.config
+    nq, _, hd = head_geometry(config)
+    device = torch.device(device)
+    n_tok = windows.numel()
+    s = min(samples, n_tok)
+    wanted = list(range(len(layers_of(model)))) if layers is None else sorted(layers)
+    inputs = calibrate.capture_first_layer_inputs(model, windows, device, batch_size)
+    r1, r2 = [], []
+    for i, layer in enumerate(layers_of(model)):
+        if i > wanted[-1]:
+            break
+        keep = i in wanted
+        layer.to(device)
+        handles, samplers = [], []
+        if keep:
+            mask = _layer_mask(n_tok, s, seed, i)
+            attn, mlp = layer.self_attn, layer.mlp
+            samplers = [_TokenSampler(mask) for _ in range(3)]
+            for mod, smp in zip((attn.q_proj, mlp.up_proj, attn.o_proj), samplers):
+                handles.append(mod.register_forward_hook(smp))
+        try:
+            last = i == wanted[-1]
+            out = calibrate.run_layer(layer, inputs, keep_outputs=not last)
+        finally:
+            for h in handles:
+                h.remove()
+            layer.to("cpu")
+        if keep:
+            q_in, up_in, o_in = (smp.result() for smp in samplers)
+            r1.append(torch.stack([q_in, up_in]))
+            r2.append(o_in.reshape(s, nq, hd))
+        if out is not None:
+            inputs.hidden = out
+    del inputs
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return Captured(r1=torch.stack(r1), r2=torch.stack(r2), seconds=time.time() - t0,
+                    extra={"layers": wanted, "samples": s, "tokens_seen": n_tok})
+
+
+# ----------------------------------------------------------------------------- optimisation
+def _schedule(opt, total_steps: int, cosine: bool):
+    if not cosine:
+        return None
+    return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total_steps), eta_min=0.0)
+
+
+def train_r1(x: torch.Tensor, r1_init: torch.Tensor, *, epochs: int, lr: float, momentum: float,
+             batch: int, seed: int, device: str | torch.device = "cpu", cosine: bool = False
+             ) -> tuple[torch.Tensor, list[float]]:
+    """Learn one rotation R = QR(Z) of x [N, n] on the whip loss; returns (R float64, loss per epoch)."""
+    device = torch.device(device)
+    x = x.to(device, torch.float32)
+    z = torch.nn.Parameter(r1_init.to(device, torch.float32).clone())
+    opt = torch.optim.SGD([z], lr=lr, momentum=momentum)
+    n = x.shape[0]
+    steps_per_epoch = max(1, math.ceil(n / batch))
+    sched = _schedule(opt, epochs * steps_per_epoch, cosine)
+    g = torch.Generator().manual_seed(seed)
+    history = []
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=g).to(device)
+        total, count = 0.0, 0
+        for i in range(0, n, batch):
+            xb = x[perm[i: i + batch]]
+            loss = whip_loss(xb @ qr_orth(z))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+            total += loss.item() * xb.shape[0]
+            count += xb.shape[0]
+        history.append(total / count)
+    with torch.no_grad():
+        r = qr_orth(z.detach().double()).cpu()
+    return r, history
+
+
+def train_r2(x: torch.Tensor, r2_init: torch.Tensor, *, epochs: int, lr: float, momentum: float,
+             batch: int, seed: int, device: str | torch.device = "cpu", cosine: bool = False
+             ) -> tuple[torch.Tensor, list[float]]:
+    """Learn per-layer, per-KV-head rotations R2 = QR(Z2) of o_proj inputs x [L, N, nq, hd]
+    (r2_init [L, nkv, hd, hd]); the layers are independent problems optimised together.
+    Returns (R2 float64 [L, nkv, hd, hd], mean per-layer loss per epoch)."""
+    device = torch.device(device)
+    x = x.to(device, torch.float32)
+    z = torch.nn.Parameter(r2_init.to(device, torch.float32).clone())
+    opt = torch.optim.SGD([z], lr=lr, momentum=momentum)
+    n = x.shape[1]
+    n_layers = x.shape[0]
+    steps_per_epoch = max(1, math.ceil(n / batch))
+    sched = _schedule(opt, epochs * steps_per_epoch, cosine)
+    g = torch.Generator().manual_seed(seed + 1)
+    history = []
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=g).to(device)
+        total, count = 0.0, 0
+        for i in range(0, n, batch):
+            xb = x[:, perm[i: i + batch]]
+            o = rotate_heads_layers(xb, qr_orth(z))
+            # sum over layers of each layer's whip loss (mean over its tokens)
+            loss = torch.exp(-o.abs()).flatten(2).sum(-1).mean(-1).sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+            total += loss.item() / n_layers * xb.shape[1]
+            count += xb.shape[1]
+        history.append(total / count)
+    with torch.no_grad():
+        r = qr_orth(z.detach().double()).cpu()
+    return r, history
+
+
+def resolve_options(**options) -> dict[str, Any]:
+    unknown = set(options) - set(DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown DartQuant option(s) {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+    opts = dict(DEFAULTS)
+    opts.update({k: v for k, v in options.items() if v is not None})
+    return opts
+
+
+def learn_rotations(model, calib_windows: torch.Tensor, r1: torch.Tensor, r2: list[torch.Tensor],
+                    device: str = "cpu", seed: int = 0, **options) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Learn R1 [hidden, hidden] and R2 (per layer [nkv, hd, hd]) from their Hadamard inits.
+
+    `model`: folded (norm gains 1), untied, unrotated, float32 on the CPU (left unchanged).
+    Returns float64 orthogonal matrices in the shapes of the inputs."""
+    o = resolve_options(**options)
+    t0 = time.time()
+    windows = calib_windows if o["windows"] is None else calib_windows[: o["windows"]]
+    cap = capture(model, windows, device, o["samples"], seed, o["capture_batch"])
+    n_layers = cap.r1.shape[0]
+    hidden = cap.r1.shape[-1]
+    log.info("DartQuant: captured %d tokens per layer x %d layers (%.1f s)", cap.extra["samples"], n_layers, cap.seconds)
+
+    t = time.time()
+    x1 = cap.r1.reshape(-1, hidden)
+    with torch.no_grad():
+        loss0_r1 = whip_loss(x1.to(device) @ r1.to(device, torch.float32)).item()
+    r1_new, h1 = train_r1(x1, r1, epochs=o["epochs"], lr=o["lr"], momentum=o["momentum"], batch=o["batch"],
+                          seed=seed, device=device, cosine=o["cosine"])
+    r1_s = time.time() - t
+    del x1
+    log.info("DartQuant R1: whip %.4f (Hadamard) -> %s (per epoch), %.1f s",
+             loss0_r1, " ".join(f"{v:.4f}" for v in h1), r1_s)
+
+    t = time.time()
+    r2_init = torch.stack([r.double() for r in r2])
+    with torch.no_grad():
+        xs = cap.r2.to(device)
+        loss0_r2 = torch.exp(-rotate_heads_layers(xs, r2_init.to(device, torch.float32)).abs()
+                             ).flatten(2).sum(-1).mean(-1).mean().item()
+        del xs
+    r2_new, h2 = train_r2(cap.r2, r2_init, epochs=o["r2_epochs"], lr=o["r2_lr"], momentum=o["momentum"],
+                          batch=o["r2_batch"], seed=seed, device=device, cosine=o["cosine"])
+    r2_s = time.time() - t
+    log.info("DartQuant R2: whip %.4f (Hadamard) -> %s (per epoch, mean over layers), %.1f s",
+             loss0_r2, " ".join(f"{v:.4f}" for v in h2), r2_s)
+
+    LAST_RUN.clear()
+    LAST_RUN.update(options=o, r1_loss_init=loss0_r1, r1_loss=h1, r2_loss_init=loss0_r2, r2_loss=h2,
+                    capture_s=cap.seconds, r1_s=r1_s, r2_s=r2_s, total_s=time.time() - t0,
+                    samples=cap.extra["samples"], layers=n_layers)
+    del cap
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+    return r1_new, [r2_new[i].clone() for i in range(n_layers)]
