@@ -21,6 +21,7 @@ __all__ = [
     "hadamard_supported",
     "hadamard_factors",
     "hadamard_matrix",
+    "hadamard_transform",
     "random_hadamard",
     "random_orthogonal",
     "rotation_matrix",
@@ -89,28 +90,31 @@ def _has_no_factor(poly: list[int], d: int, p: int) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _quadratic_character(q: int) -> tuple[tuple[int, ...], ...]:
-    """chi(a - b) for all field elements a, b of GF(q), as a q x q table of 0/+1/-1."""
+def _quadratic_character(q: int) -> torch.Tensor:
+    """chi(a - b) for all field elements a, b of GF(q), as a q x q int64 table of 0/+1/-1."""
     p, e = _prime_power(q)
     if e == 1:
-        sq = {(i * i) % q for i in range(1, q)}
-        return tuple(tuple(0 if a == b else (1 if (a - b) % q in sq else -1) for b in range(q))
-                     for a in range(q))
+        is_square = torch.zeros(q, dtype=torch.bool)
+        is_square[(torch.arange(1, q, dtype=torch.int64) ** 2) % q] = True
+        idx = torch.arange(q)
+        diff = (idx[:, None] - idx[None, :]) % q
+        chi = torch.where(is_square[diff], 1, -1)
+        chi.fill_diagonal_(0)
+        return chi
     mod = _irreducible(p, e)
     elems = [[(i // p**k) % p for k in range(e)] for i in range(q)]  # index -> coefficients
     index = {tuple(c): i for i, c in enumerate(elems)}
     squares = set()
     for c in elems[1:]:
         squares.add(tuple(_poly_mulmod(c, c, mod, p)))
-    table = []
-    for a in elems:
-        row = []
-        for b in elems:
-            diff = tuple((x - y) % p for x, y in zip(a, b))
-            row.append(0 if not any(diff) else (1 if diff in squares else -1))
-        table.append(tuple(row))
-    assert len(index) == q
-    return tuple(table)
+    square_idx = torch.zeros(q, dtype=torch.bool)
+    square_idx[[index[c] for c in squares]] = True
+    coeffs = torch.tensor(elems, dtype=torch.int64)  # [q, e]
+    diff = (coeffs[:, None, :] - coeffs[None, :, :]) % p  # [q, q, e]
+    diff_idx = (diff * (p ** torch.arange(e))).sum(-1)
+    chi = torch.where(square_idx[diff_idx], 1, -1)
+    chi.fill_diagonal_(0)
+    return chi
 
 
 def _paley_core(m: int) -> torch.Tensor | None:
@@ -118,7 +122,7 @@ def _paley_core(m: int) -> torch.Tensor | None:
     q = m - 1
     pp = _prime_power(q)
     if pp is not None and q % 4 == 3:  # Paley I
-        chi = torch.tensor(_quadratic_character(q), dtype=torch.float64)
+        chi = _quadratic_character(q).to(torch.float64)
         h = torch.ones(m, m, dtype=torch.float64)
         h[1:, 0] = -1
         h[1:, 1:] = chi + torch.eye(q, dtype=torch.float64)
@@ -127,7 +131,7 @@ def _paley_core(m: int) -> torch.Tensor | None:
         q = m // 2 - 1
         pp = _prime_power(q)
         if pp is not None and q % 4 == 1:  # Paley II
-            chi = torch.tensor(_quadratic_character(q), dtype=torch.float64)
+            chi = _quadratic_character(q).to(torch.float64)
             s = torch.zeros(q + 1, q + 1, dtype=torch.float64)
             s[0, 1:] = 1
             s[1:, 0] = 1
@@ -139,15 +143,21 @@ def _paley_core(m: int) -> torch.Tensor | None:
     return None
 
 
+MAX_CORE = 1024  # Paley cores above this are slow to build and no real width needs them
+
+
 @functools.lru_cache(maxsize=None)
 def hadamard_factors(n: int) -> tuple[int, int] | None:
-    """(core, pow2) with n = core * pow2, core 1 or a Paley order, largest power of two first."""
+    """(core, pow2) with n = core * pow2, core 1 or a Paley order <= MAX_CORE, largest power of
+    two first."""
     if n < 1:
         return None
     pow2 = n & -n
     while pow2 >= 1:
         core = n // pow2
-        if core == 1 or (core % 4 == 0 or core == 2) and _paley_core_exists(core):
+        if core > MAX_CORE:
+            return None
+        if core == 1 or core % 4 == 0 and _paley_core_exists(core):
             return core, pow2
         pow2 //= 2
     return None
@@ -183,6 +193,26 @@ def _hadamard_cached(n: int) -> torch.Tensor:
     if core > 1:
         h = torch.kron(_paley_core(core), h)
     return h / math.sqrt(n)
+
+
+def hadamard_transform(x: torch.Tensor, n: int) -> torch.Tensor:
+    """x[..., n] @ H_n without forming H_n (Kronecker structure: dense core, fast Walsh-Hadamard
+    on the power-of-two factor), float64. For sizes too large for a dense matrix."""
+    factors = hadamard_factors(n)
+    if factors is None:
+        raise ValueError(f"no Hadamard matrix of order {n}")
+    core, pow2 = factors
+    lead = x.shape[:-1]
+    y = x.double().reshape(-1, core, pow2)
+    h = 1
+    while h < pow2:  # in-place-free butterfly over the power-of-two axis
+        y = y.reshape(-1, core, pow2 // (2 * h), 2, h)
+        y = torch.cat((y[:, :, :, 0] + y[:, :, :, 1], y[:, :, :, 0] - y[:, :, :, 1]), dim=-1)
+        y = y.reshape(-1, core, pow2)
+        h *= 2
+    if core > 1:
+        y = torch.einsum("ci,bcp->bip", _paley_core(core), y)
+    return (y / math.sqrt(n)).reshape(*lead, n)
 
 
 def hadamard_matrix(n: int, dtype: torch.dtype = torch.float64,

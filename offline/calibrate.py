@@ -80,18 +80,40 @@ def capture_first_layer_inputs(model, token_windows: torch.Tensor, device: torch
 
 
 @torch.no_grad()
-def run_layer(layer: nn.Module, inputs: LayerInputs, keep_outputs: bool = True) -> torch.Tensor | None:
+def run_layer(layer: nn.Module, inputs: LayerInputs, keep_outputs: bool = True,
+              stop_at: nn.Module | None = None) -> torch.Tensor | None:
     """Forward `layer` (already on inputs.device) over all hidden states, batch by batch.
-    Hooks registered on the layer's modules observe every batch."""
+    Hooks registered on the layer's modules observe every batch. With `stop_at`, each batch
+    stops right after that module ran (its hooks included): what follows is not computed."""
+    if stop_at is not None:
+        if keep_outputs:
+            raise ValueError("run_layer: stop_at and keep_outputs exclude each other")
+        handle = stop_at.register_forward_hook(_raise_stop)
+        try:
+            for i in range(0, inputs.hidden.shape[0], inputs.batch_size):
+                with contextlib.suppress(_Stop):
+                    _forward(layer, inputs, i)
+        finally:
+            handle.remove()
+        return None
     outs = []
     for i in range(0, inputs.hidden.shape[0], inputs.batch_size):
-        x = inputs.hidden[i: i + inputs.batch_size].to(inputs.device)
-        kwargs = dict(inputs.kwargs)
-        pe = kwargs.get("position_embeddings")
-        if pe is not None and pe[0].shape[0] not in (1, x.shape[0]):
-            kwargs["position_embeddings"] = tuple(t[: x.shape[0]] for t in pe)
-        y = layer(x, **kwargs)
-        y = y[0] if isinstance(y, tuple) else y
+        y = _forward(layer, inputs, i)
         if keep_outputs:
             outs.append(y.to(inputs.hidden.device))
     return torch.cat(outs) if keep_outputs else None
+
+
+def _raise_stop(module, args, output):
+    raise _Stop
+
+
+def _forward(layer: nn.Module, inputs: LayerInputs, i: int) -> torch.Tensor:
+    """Layer output for the batch of hidden states starting at index i."""
+    x = inputs.hidden[i: i + inputs.batch_size].to(inputs.device)
+    kwargs = dict(inputs.kwargs)
+    pe = kwargs.get("position_embeddings")
+    if pe is not None and pe[0].shape[0] not in (1, x.shape[0]):
+        kwargs["position_embeddings"] = tuple(t[: x.shape[0]] for t in pe)
+    y = layer(x, **kwargs)
+    return y[0] if isinstance(y, tuple) else y

@@ -188,15 +188,15 @@ def _quantize_gptq(model, windows: torch.Tensor, opts: QuantizeOptions) -> dict[
         layer.to(device)
         for parent, names in SEQUENTIAL_GROUPS:
             mods = {n: getattr(getattr(layer, parent), n) for n in names}
-            accs = {n: quantize.HessianAccumulator(m.in_features, device) for n, m in mods.items()}
-            handles = [m.register_forward_hook(accs[n].hook) for n, m in mods.items()]
+            first = mods[names[0]]  # the modules of a group read the same input: one Hessian
+            acc = quantize.HessianAccumulator(first.in_features, device)
+            handle = first.register_forward_hook(acc.hook)
             try:
-                calibrate.run_layer(layer, inputs, keep_outputs=False)
+                calibrate.run_layer(layer, inputs, keep_outputs=False, stop_at=first)
             finally:
-                for h in handles:
-                    h.remove()
+                handle.remove()
             for n, m in mods.items():
-                q, s = quantize.gptq(m.weight.data, accs[n].h, opts.w_bits, opts.group_size, damp=opts.gptq_damp)
+                q, s = quantize.gptq(m.weight.data, acc.h, opts.w_bits, opts.group_size, damp=opts.gptq_damp)
                 packed[f"model.layers.{i}.{parent}.{n}"] = (q.cpu(), s.cpu())
                 m.weight.data = quantize.dequantize(q, s).to(m.weight.dtype)
         inputs.hidden = calibrate.run_layer(layer, inputs)
