@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from vllm_rotquant.format import CheckpointError
 from vllm_rotquant.offline import data
 from vllm_rotquant.offline.model_io import load_hf_model, load_tokenizer
 from vllm_rotquant.offline.simulate import is_rotquant_checkpoint, load_simulated
@@ -44,6 +45,8 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 4, device: str = 
 def evaluate(model_dir: str | Path, text: str, seq_len: int = 512, windows: int = 16,
              dtype: torch.dtype = torch.bfloat16, batch_size: int = 4, device: str = "cpu",
              progress: bool = True) -> dict:
+    if not (Path(model_dir) / "config.json").is_file():
+        raise CheckpointError(f"{model_dir}: no config.json (expected a model or rotquant checkpoint folder)")
     tokenizer = load_tokenizer(model_dir)
     ids = data.tokenize(tokenizer, data.load_text(text))
     win = data.eval_windows(ids, seq_len, windows)

@@ -1,0 +1,170 @@
+"""The offline calibrator end to end on tiny random models (Llama, Qwen2 with biases, Mistral)."""
+import hashlib
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hf_factory import build_hf_model
+from vllm_rotquant.format import CheckpointError, RotQuantSpec, unpack_int4
+from vllm_rotquant.offline import cli, pipeline, rotate
+from vllm_rotquant.offline.model_io import load_hf_model
+from vllm_rotquant.offline.quantize import dequantize
+from vllm_rotquant.offline.simulate import load_simulated
+
+TEXT = " ".join(f"Sentence number {i} tells of fortune, wives, foxes and dogs." for i in range(400))
+
+
+@pytest.fixture(scope="module")
+def calib_file(tmp_path_factory):
+    p = tmp_path_factory.mktemp("data") / "calib.txt"
+    p.write_text(TEXT)
+    return str(p)
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "mistral"])
+def src(request, tmp_path_factory):
+    return build_hf_model(tmp_path_factory.mktemp(request.param), request.param)
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits.double()
+
+
+def test_rotation_invariance(src):
+    """Folded and rotated (R1, R2, R4 with its online twin), unquantized: same logits in fp32."""
+    ids = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(0))
+    model = load_hf_model(src)
+    ref = _logits(model, ids)
+    rotate.fold_norms(model)
+    assert torch.allclose(_logits(model, ids), ref, atol=1e-4, rtol=1e-4)
+    r1, r2 = pipeline.hadamard_rotations(model.config, seed=1)
+    rotate.rotate_residual(model, r1)
+    block = pipeline.plan_r4_block(model.config, (1, 2), None)
+    for layer, r in zip(rotate.layers_of(model), r2):
+        rotate.rotate_values(layer, r, model.config)
+        rotate.absorb_down_hadamard(layer, block)
+    rotate.install_online_hadamard(model, block)
+    out = _logits(model, ids)
+    assert (out - ref).abs().max() < 1e-3 * ref.abs().max()
+    assert not torch.allclose(model.model.embed_tokens.weight, load_hf_model(src).model.embed_tokens.weight)
+
+
+def _quantize(src, out, **kw):
+    opts = pipeline.QuantizeOptions(**{"calib_tokens": 256, "calib_seq_len": 64, "batch_size": 2, **kw})
+    return pipeline.quantize_checkpoint(src, out, opts)
+
+
+@pytest.mark.parametrize("weights", ["rtn", "gptq"])
+def test_simulation_reproduces_dequantized_model(src, tmp_path, calib_file, weights):
+    """W4A16 simulation of the written checkpoint == the fp rotated model with the stored
+    INT4 weights dequantized: writing, loading and simulating lose nothing."""
+    out = tmp_path / "ckpt"
+    _quantize(src, out, weights=weights, a_bits=16, calib=calib_file)
+    sim = load_simulated(out, torch.float32)
+    spec = sim.rotquant_spec
+    assert spec.act_bits == 16 and spec.rotation == "hadamard" and spec.calibration["method"] == weights
+    tensors = load_file(out / "model.safetensors")
+    model = load_hf_model(src)
+    rotate.fold_norms(model)
+    r1, r2 = pipeline.hadamard_rotations(model.config, seed=0)
+    rotate.rotate_residual(model, r1)
+    for i, (layer, r) in enumerate(zip(rotate.layers_of(model), r2)):
+        rotate.rotate_values(layer, r, model.config)
+        rotate.absorb_down_hadamard(layer, spec.down_proj_block)
+        for name, lin in pipeline._linears(layer):
+            stem = f"model.layers.{i}.{name}"
+            lin.weight.data = dequantize(unpack_int4(tensors[f"{stem}.weight_packed"]),
+                                         tensors[f"{stem}.weight_scale"]).float()
+    rotate.install_online_hadamard(model, spec.down_proj_block)
+    model.model.embed_tokens.weight.data = tensors["model.embed_tokens.weight"].float()
+    model.lm_head.weight.data = tensors["lm_head.weight"].float()
+    for n, p in model.named_parameters():
+        if n.endswith("bias"):
+            p.data = tensors[n].float()
+    ids = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(_logits(sim, ids), _logits(model, ids), atol=2e-3, rtol=1e-3)
+
+
+def test_w4a4_is_worse_than_w4a8_and_deterministic(src, tmp_path, calib_file):
+    ids = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(2))
+    ref = _logits(load_hf_model(src), ids)
+    errs = {}
+    for bits in (4, 8):
+        out = tmp_path / f"a{bits}"
+        _quantize(src, out, weights="gptq", a_bits=bits, calib=calib_file)
+        errs[bits] = (_logits(load_simulated(out, torch.float32), ids) - ref).pow(2).mean().item()
+    assert errs[8] < errs[4]
+    again = tmp_path / "again"
+    _quantize(src, again, weights="gptq", a_bits=8, calib=calib_file)
+    digest = lambda p: hashlib.sha256((p / "model.safetensors").read_bytes()).hexdigest()  # noqa: E731
+    assert digest(again) == digest(tmp_path / "a8")
+
+
+def test_written_checkpoint_format(src, tmp_path):
+    out = tmp_path / "ckpt"
+    summary = _quantize(src, out, weights="rtn")
+    cfg = json.loads((out / "config.json").read_text())
+    spec = RotQuantSpec.from_dict(cfg["quantization_config"])
+    assert cfg["tie_word_embeddings"] is False and cfg["quantization_config"]["quant_method"] == "rotquant"
+    assert spec.qk_block == 16 and 192 % spec.down_proj_block == 0 and spec.tp_sizes == (1, 2, 4)
+    t = load_file(out / "model.safetensors")
+    assert t["model.layers.0.mlp.down_proj.weight_packed"].dtype == torch.uint8
+    assert t["model.layers.0.mlp.down_proj.weight_scale"].dtype == torch.float16
+    assert "model.layers.0.mlp.down_proj.weight" not in t
+    assert torch.equal(t["model.norm.weight"], torch.ones_like(t["model.norm.weight"]))
+    assert (out / "tokenizer.json").is_file() and summary["output_mb"] > 0
+    if "qwen2" in str(src):
+        assert "model.layers.0.self_attn.v_proj.bias" in t
+
+
+def test_interrupted_write_leaves_nothing(src, tmp_path, monkeypatch):
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(pipeline, "_save_shards", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        _quantize(src, tmp_path / "ckpt", weights="rtn")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_refuses_existing_output_and_bad_arch(src, tmp_path):
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        _quantize(src, tmp_path / "exists", weights="rtn")
+    cfg = json.loads((src / "config.json").read_text())
+    bad = tmp_path / "gpt2"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({**cfg, "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
+    with pytest.raises(CheckpointError, match="unsupported architecture"):
+        _quantize(bad, tmp_path / "o", weights="rtn")
+
+
+def test_simulation_rejects_bad_checkpoints(src, tmp_path):
+    out = tmp_path / "ckpt"
+    _quantize(src, out, weights="rtn")
+    cfg_path = out / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["quantization_config"]["version"] = 7
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="version"):
+        load_simulated(out)
+    cfg["quantization_config"]["version"] = 1
+    cfg_path.write_text(json.dumps(cfg))
+    (out / "model.safetensors").write_bytes(b"garbage" * 10)
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        load_simulated(out)
+
+
+def test_cli_quantize_and_eval(src, tmp_path, calib_file, capsys):
+    out = tmp_path / "ckpt"
+    assert cli.main(["quantize", str(src), str(out), "--weights", "gptq", "--calib", calib_file,
+                     "--calib-tokens", "128", "--calib-seq-len", "64", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["weights"] == "gptq" and summary["calib_tokens"] == 128
+    assert cli.main(["eval", str(out), "--data", calib_file, "--seq-len", "64", "--windows", "3", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["tokens"] == 3 * 63 and res["ppl"] > 1 and {"ppl", "tokens", "seconds"} <= set(res)
+    assert cli.main(["eval", str(tmp_path / "missing"), "--data", calib_file]) == 2

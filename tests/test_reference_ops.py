@@ -1,0 +1,115 @@
+"""The torch reference ops against float64 / integer ground truth, at odd shapes and edges."""
+import pytest
+import torch
+
+from vllm_rotquant.format import pack_int4
+from vllm_rotquant.kernels import ops
+from vllm_rotquant.kernels.hadamard import hadamard_matrix
+from vllm_rotquant.kernels.reference import dequant_weight_ref
+
+SHAPES = [(1, 64, 8), (3, 576, 960), (17, 1536, 576), (128, 192, 7)]
+
+
+def _acts(m, k, gen):
+    x = torch.randn(m, k, generator=gen)
+    x[0, 0] = 40.0  # an outlier
+    if m > 2:
+        x[1] = 0.0  # an all-zero row
+    return x
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_quant_act_matches_float64(bits, m, k, n):
+    gen = torch.Generator().manual_seed(m * k)
+    x = _acts(m, k, gen).to(torch.bfloat16)
+    q, s = ops.quant_act(x, 0.9, bits)
+    qmax = 2 ** (bits - 1) - 1
+    xd = x.double()
+    amax = xd.abs().amax(-1, keepdim=True)
+    s64 = torch.where(amax > 0, amax * 0.9 / qmax, torch.ones_like(amax))
+    assert torch.allclose(s.double(), s64, rtol=1e-6)
+    q64 = torch.clamp(torch.round(xd / s.double()), -qmax - 1, qmax)
+    assert (q.double() - q64).abs().max() <= 1 and (q.double() != q64).float().mean() < 1e-3
+    assert q.dtype == torch.int8 and q.min() >= -qmax - 1 and q.max() <= qmax
+    if m > 2:
+        assert (q[1] == 0).all() and s[1].item() == 1.0
+
+
+@pytest.mark.parametrize("groups", [None, 32])
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_w4a4_gemm_is_exact(groups, m, k, n):
+    gen = torch.Generator().manual_seed(k + n)
+    qa = torch.randint(-8, 8, (m, k), generator=gen, dtype=torch.int8)
+    w = torch.randint(-8, 8, (n, k), generator=gen, dtype=torch.int8)
+    sa = torch.rand(m, 1, generator=gen) + 0.1
+    g = 1 if groups is None else k // groups
+    sw = (torch.rand(n, g, generator=gen) + 0.1).to(torch.float16)
+    out = ops.w4a4_gemm(qa, sa, pack_int4(w), sw, torch.float32)
+    acc = (qa.long().reshape(m, g, -1)[:, None] * w.long().reshape(n, g, -1)[None]).sum(-1)  # exact [m, n, g]
+    want = (acc.double() * sw.double()[None]).sum(-1) * sa.double()
+    assert torch.allclose(out.double(), want, rtol=1e-5, atol=1e-5)
+    bf = ops.w4a4_gemm(qa, sa, w, sw, torch.bfloat16)  # unpacked int8 weights give the same
+    assert torch.allclose(bf.float(), out, rtol=8e-3, atol=1e-2)
+
+
+def test_int_accumulation_exact_past_float32_range():
+    k = 16384  # 16384 * 127 * 8 > 2^24: the reference must switch to float64
+    qa = torch.full((2, k), 127, dtype=torch.int8)
+    w = torch.full((3, k), 7, dtype=torch.int8)
+    w[0, 0] = 6
+    out = ops.w4a4_gemm(qa, torch.ones(2, 1), w, torch.ones(3, 1, dtype=torch.float16), torch.float32)
+    # float32 output rounds, but the accumulation itself must see the -127 difference exactly
+    assert out[0, 0].item() == float(torch.tensor(127 * 7 * k - 127, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("block", [16, 64, 12, 192])
+def test_hadamard_quant_is_hadamard_then_quant(block):
+    x = torch.randn(5, block * 3)
+    h = hadamard_matrix(block)
+    y = (x.double().reshape(5, 3, block) @ h).reshape(5, -1)
+    q, s = ops.hadamard_quant(x, block, 0.9, 4)
+    assert torch.allclose(s.double(), y.abs().amax(-1, keepdim=True) * 0.9 / 7, rtol=1e-5)
+    q64 = torch.clamp(torch.round(y / s.double()), -8, 7)
+    assert (q.double() - q64).abs().max() <= 1
+    assert torch.allclose(ops.hadamard(x, block).double(), y, atol=1e-5)
+    with pytest.raises(ValueError, match="not a multiple of block"):
+        ops.hadamard(torch.randn(2, block + 2), block)
+
+
+@pytest.mark.parametrize("act_bits", [4, 8, 16])
+def test_rotquant_linear_composition(act_bits):
+    gen = torch.Generator().manual_seed(act_bits)
+    x = torch.randn(2, 3, 64, generator=gen)
+    w = torch.randint(-8, 8, (24, 64), generator=gen, dtype=torch.int8)
+    sw = torch.rand(24, 1, generator=gen).to(torch.float16) / 10
+    bias = torch.randn(24, generator=gen)
+    out = ops.rotquant_linear(x, pack_int4(w), sw, bias, act_bits, 0.9, 16)
+    xr = ops.hadamard(x.reshape(-1, 64), 16)
+    wd = dequant_weight_ref(w, sw, torch.float32)
+    if act_bits == 16:
+        want = xr @ wd.T
+    else:
+        q, s = ops.quant_act(xr, 0.9, act_bits)
+        want = (q.float() * s) @ wd.T
+    assert out.shape == (2, 3, 24)
+    assert torch.allclose(out.reshape(-1, 24), want + bias, rtol=1e-4, atol=1e-4)
+
+
+def test_rotquant_linear_shape_error():
+    with pytest.raises(ValueError, match="input has 32 features, weight expects 64"):
+        ops.rotquant_linear(torch.randn(2, 32), torch.zeros(8, 32, dtype=torch.uint8),
+                            torch.ones(8, 1, dtype=torch.float16), None, 4, 0.9, None)
+
+
+def test_ops_compile_fullgraph():
+    """Fake implementations let Dynamo trace the composed linear without graph breaks."""
+    w = torch.randint(-8, 8, (16, 64), dtype=torch.int8)
+    sw = torch.rand(16, 1).to(torch.float16)
+
+    def f(x):
+        return ops.rotquant_linear(x, w, sw, None, 4, 0.9, 32)
+
+    x = torch.randn(5, 64)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(x), f(x))
