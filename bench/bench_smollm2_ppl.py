@@ -1,0 +1,93 @@
+"""Perplexity table of the calibrator on SmolLM2-135M (calibrate on brown, evaluate on austen).
+
+    python bench/bench_smollm2_ppl.py --work runs/table [--calib-tokens 16384] [--rows ...]
+
+Each row quantizes (unless its checkpoint already exists in --work) and evaluates with
+`rotquant eval` arithmetic (the simulation of the served kernels). W4A8/W4A16 rows reuse the
+W4A4 row's GPTQ weights with another `act_bits`: the weight quantizer never sees quantized
+activations (its Hessians come from full-precision inputs), so re-running it would write the
+same tensors. Prints a markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+from vllm_rotquant.offline.evaluate import evaluate
+from vllm_rotquant.offline.model_io import fetch_smollm2
+from vllm_rotquant.offline.pipeline import QuantizeOptions, quantize_checkpoint
+
+# name -> (rotation, weights, act_bits, derived from)
+ROWS = {
+    "bf16": (None, None, None, None),
+    "W4A4 none+RTN": ("none", "rtn", 4, None),
+    "W4A4 hadamard+RTN": ("hadamard", "rtn", 4, None),
+    "W4A4 hadamard+GPTQ": ("hadamard", "gptq", 4, None),
+    "W4A8 hadamard+GPTQ": ("hadamard", "gptq", 8, "W4A4 hadamard+GPTQ"),
+    "W4A16 hadamard+GPTQ": ("hadamard", "gptq", 16, "W4A4 hadamard+GPTQ"),
+    "W4A4 dartquant+RTN": ("dartquant", "rtn", 4, None),
+    "W4A4 dartquant+GPTQ": ("dartquant", "gptq", 4, None),
+    "W4A8 dartquant+RTN": ("dartquant", "rtn", 8, "W4A4 dartquant+RTN"),
+    "W4A8 dartquant+GPTQ": ("dartquant", "gptq", 8, "W4A4 dartquant+GPTQ"),
+}
+
+
+def slug(name: str) -> str:
+    return name.lower().replace("+", "-").replace(" ", "-")
+
+
+def derive(src: Path, dst: Path, act_bits: int) -> None:
+    """Copy of checkpoint src with another act_bits (same weights)."""
+    tmp = dst.with_name(dst.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    cfg = json.loads((tmp / "config.json").read_text())
+    cfg["quantization_config"]["act_bits"] = act_bits
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    shutil.rmtree(dst, ignore_errors=True)
+    tmp.rename(dst)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", default="runs/table")
+    p.add_argument("--rows", nargs="+", default=list(ROWS)[:6], choices=list(ROWS))
+    p.add_argument("--calib-tokens", type=int, default=16384)
+    p.add_argument("--calib-seq-len", type=int, default=512)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--windows", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    work = Path(args.work)
+    src = fetch_smollm2(work / "smollm2")
+    results = []
+    for name in args.rows:
+        rotation, weights, act_bits, parent = ROWS[name]
+        ckpt, quant = src, {}
+        if rotation is not None:
+            ckpt = work / slug(name)
+            if parent is not None:
+                derive(work / slug(parent), ckpt, act_bits)
+            elif not (ckpt / "config.json").is_file():
+                quant = quantize_checkpoint(src, ckpt, QuantizeOptions(
+                    rotation=rotation, weights=weights, a_bits=act_bits, calib="brown", seed=args.seed,
+                    calib_tokens=args.calib_tokens, calib_seq_len=args.calib_seq_len, overwrite=True))
+        t = time.time()
+        res = evaluate(ckpt, "austen", args.seq_len, args.windows)
+        results.append((name, res["ppl"], quant.get("seconds"), quant.get("peak_memory_mb"), time.time() - t))
+        logging.info("%s: ppl %.2f", name, res["ppl"])
+    print(f"\nSmolLM2-135M, austen {args.windows}x{args.seq_len}, calibration brown "
+          f"{args.calib_tokens} tokens (seq {args.calib_seq_len}), seed {args.seed}\n")
+    print("| setting | perplexity | quantize s | peak MB | eval s |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for name, ppl, qs, mem, es in results:
+        print(f"| {name} | {ppl:,.2f} | {qs or '-'} | {mem or '-'} | {es:.0f} |")
+
+
+if __name__ == "__main__":
+    main()

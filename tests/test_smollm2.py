@@ -1,0 +1,72 @@
+"""The calibrator on the real model, SmolLM2-135M (fewer tokens than the README table)."""
+import pytest
+import torch
+
+from real_model import smollm2_dir, smollm2_rotquant_dir
+from vllm_rotquant.offline import calibrate, data, evaluate, pipeline, quantize, rotate
+from vllm_rotquant.offline.model_io import load_hf_model, load_tokenizer
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def src():
+    return smollm2_dir()
+
+
+@pytest.fixture(scope="module")
+def windows(src):
+    ids = data.tokenize(load_tokenizer(src), data.load_text("austen"))
+    return data.eval_windows(ids, 256, 4)
+
+
+def test_rotated_unquantized_smollm2_gives_same_logits(src, windows):
+    model = load_hf_model(src)
+    ids = windows[:2]
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits.double()
+        rotate.fold_norms(model)
+        r1, r2 = pipeline.hadamard_rotations(model.config, 0)
+        rotate.rotate_residual(model, r1)
+        block = pipeline.plan_r4_block(model.config, pipeline.default_tp_sizes(model.config), None)
+        for layer, r in zip(rotate.layers_of(model), r2):
+            rotate.rotate_values(layer, r, model.config)
+            rotate.absorb_down_hadamard(layer, block)
+        rotate.install_online_hadamard(model, block)
+        out = model(input_ids=ids).logits.double()
+    assert (out - ref).abs().max().item() < 2e-3 * ref.abs().max().item()
+    assert (out.argmax(-1) == ref.argmax(-1)).float().mean() > 0.99
+
+
+def test_gptq_beats_rtn_on_real_activations(src):
+    """Layer-output error ||X W^T - X Q^T|| on held-out real activations of a rotated layer."""
+    model = load_hf_model(src)
+    rotate.fold_norms(model)
+    r1, _ = pipeline.hadamard_rotations(model.config, 0)
+    rotate.rotate_residual(model, r1)
+    ids = data.tokenize(load_tokenizer(src), data.load_text("brown"))
+    wins = data.calibration_windows(ids, 256, 256 * 12, seed=0)
+    inputs = calibrate.capture_first_layer_inputs(model, wins, "cpu", batch_size=4)
+    layer = rotate.layers_of(model)[0]
+    seen = []
+    hook = layer.mlp.up_proj.register_forward_hook(lambda m, a, o: seen.append(a[0].reshape(-1, a[0].shape[-1])))
+    calibrate.run_layer(layer, inputs, keep_outputs=False)
+    hook.remove()
+    x = torch.cat(seen)
+    calib, held_out = x[: len(x) * 2 // 3], x[len(x) * 2 // 3:]
+    h = calib.double().T @ calib.double()
+    for lin in (layer.mlp.up_proj, layer.mlp.gate_proj):
+        w = lin.weight.data
+        errs = {}
+        for name, (q, s) in {"rtn": quantize.rtn(w), "gptq": quantize.gptq(w, h)}.items():
+            errs[name] = (held_out @ (quantize.dequantize(q, s).float() - w).T).pow(2).mean().item()
+        assert errs["gptq"] < 0.8 * errs["rtn"], errs
+
+
+def test_w4a4_hadamard_gptq_perplexity(src):
+    ckpt = smollm2_rotquant_dir()
+    bf16 = evaluate.evaluate(src, "austen", seq_len=256, windows=4, progress=False)
+    w4a4 = evaluate.evaluate(ckpt, "austen", seq_len=256, windows=4, progress=False)
+    assert 20 < bf16["ppl"] < 60
+    # rotated RTN measured ~1,100 on this model in DESIGN.md's probe; hadamard + GPTQ must do far better
+    assert bf16["ppl"] < w4a4["ppl"] < 4 * bf16["ppl"], (bf16, w4a4)
