@@ -1,0 +1,180 @@
+"""Tiny rotquant checkpoints for tests (no download, no offline calibrator needed).
+
+`build_tiny_checkpoint` writes a small random Llama as a Hugging Face folder in rotquant format v1
+(packed INT4 `weight_packed` + `weight_scale` for q/k/v/o/gate/up/down, bf16 embeddings,
+norms and lm_head, `quantization_config` from `RotQuantSpec.to_dict()`), with a small byte-level
+BPE tokenizer trained on an embedded text. `mutate` lets a test corrupt tensors or the config to
+produce bad checkpoints. `reference_logprobs` runs the same model in plain torch, every projection
+through `rotquant_linear` (the arithmetic the offline simulation uses), to check vLLM against it.
+
+Everything is seeded: the same arguments give the same bytes.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from vllm_rotquant.format import (PACKED_SUFFIX, SCALE_SUFFIX, RotQuantSpec, head_dim_of,
+                                  linear_shapes, pack_int4)
+
+TOKENIZER_TEXT = """\
+It is a truth universally acknowledged, that a single man in possession of a good fortune,
+must be in want of a wife. However little known the feelings or views of such a man may be on
+his first entering a neighbourhood, this truth is so well fixed in the minds of the surrounding
+families, that he is considered the rightful property of some one or other of their daughters.
+The quick brown fox jumps over the lazy dog. Numbers 0 1 2 3 4 5 6 7 8 9 and punctuation , . ; : ! ?
+Emma Woodhouse, handsome, clever, and rich, with a comfortable home and happy disposition,
+seemed to unite some of the best blessings of existence; and had lived nearly twenty-one years
+in the world with very little to distress or vex her.
+"""
+
+TINY = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=32, num_hidden_layers=2)
+
+
+def write_tokenizer(out: Path, vocab_size: int = 384) -> int:
+    """Train a byte-level BPE on TOKENIZER_TEXT and save it as a HF fast tokenizer; returns its size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([TOKENIZER_TEXT], trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                          "{% if add_generation_prompt %}assistant:{% endif %}")
+    fast.save_pretrained(out)
+    return tok.get_vocab_size()
+
+
+def _random_int4(gen: torch.Generator, out_f: int, in_f: int) -> torch.Tensor:
+    return torch.randint(-8, 8, (out_f, in_f), generator=gen, dtype=torch.int8)
+
+
+def build_tiny_checkpoint(out_dir: str | Path, *, spec: RotQuantSpec | None = None, seed: int = 0,
+                          scale_dtype: torch.dtype = torch.bfloat16,
+                          mutate: Callable[[dict[str, torch.Tensor], dict[str, Any]], None] | None = None,
+                          **model_kw) -> Path:
+    """Write a tiny random rotquant Llama to out_dir (created). Returns the path.
+
+    model_kw overrides TINY (hidden_size, heads, ...). The default spec uses an R4 block of
+    intermediate_size/2 (so TP 1 and 2 both work) and R3 on the head dim.
+    `mutate(tensors, config)` may edit both in place before they are written.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dims = {**TINY, **model_kw}
+    vocab = write_tokenizer(out)
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=vocab, max_position_embeddings=1024, bos_token_id=1, eos_token_id=2,
+                      tie_word_embeddings=False, rms_norm_eps=1e-5, **dims).to_dict()
+    cfg["architectures"] = ["LlamaForCausalLM"]
+    cfg["dtype"] = "bfloat16"
+    if spec is None:
+        spec = RotQuantSpec(down_proj_block=dims["intermediate_size"] // 2, qk_block=head_dim_of(cfg),
+                            tp_sizes=(1, 2))
+    cfg["quantization_config"] = spec.to_dict()
+
+    gen = torch.Generator().manual_seed(seed)
+    hidden = dims["hidden_size"]
+    t: dict[str, torch.Tensor] = {
+        "model.embed_tokens.weight": torch.randn(vocab, hidden, generator=gen).to(torch.bfloat16),
+        "model.norm.weight": torch.ones(hidden, dtype=torch.bfloat16),
+        "lm_head.weight": (torch.randn(vocab, hidden, generator=gen) * 0.1).to(torch.bfloat16),
+    }
+    for i in range(dims["num_hidden_layers"]):
+        p = f"model.layers.{i}"
+        t[f"{p}.input_layernorm.weight"] = torch.ones(hidden, dtype=torch.bfloat16)
+        t[f"{p}.post_attention_layernorm.weight"] = torch.ones(hidden, dtype=torch.bfloat16)
+        for name, (out_f, in_f) in linear_shapes(cfg).items():
+            q = _random_int4(gen, out_f, in_f)
+            groups = 1 if not spec.group_size else in_f // spec.group_size
+            # |q| has std ~4.6: this keeps each projection's output at unit scale, jittered per row
+            s = (1.0 + 0.5 * torch.rand(out_f, groups, generator=gen)) / (4.6 * math.sqrt(in_f))
+            t[f"{p}.{name}.{PACKED_SUFFIX}"] = pack_int4(q)
+            t[f"{p}.{name}.{SCALE_SUFFIX}"] = s.to(scale_dtype)
+    if mutate is not None:
+        mutate(t, cfg)
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in t.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    (out / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
+    return out
+
+
+def with_config(src: str | Path, dst: str | Path, edit: Callable[[dict[str, Any]], None]) -> Path:
+    """A copy of checkpoint src at dst that shares its tensors (symlinks) but has an edited config.json."""
+    src, dst = Path(src).resolve(), Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.name != "config.json" and not (dst / f.name).exists():
+            (dst / f.name).symlink_to(f)
+    cfg = json.loads((src / "config.json").read_text())
+    edit(cfg)
+    (dst / "config.json").write_text(json.dumps(cfg, indent=2))
+    return dst
+
+
+# ----------------------------------------------------------------------------- reference
+class _SimLinear(torch.nn.Module):
+    """A projection of a rotquant checkpoint, run through the shared reference arithmetic."""
+
+    def __init__(self, w_packed: torch.Tensor, scale: torch.Tensor, spec: RotQuantSpec, block: int | None):
+        super().__init__()
+        from vllm_rotquant.format import unpack_int4
+
+        self.register_buffer("w", unpack_int4(w_packed))
+        self.register_buffer("s", scale)
+        self.spec, self.block = spec, block
+
+    def forward(self, x):
+        from vllm_rotquant.kernels.ops import rotquant_linear
+
+        return rotquant_linear(x, self.w, self.s, None, self.spec.act_bits, self.spec.act_clip_ratio, self.block)
+
+
+def load_reference_model(ckpt: str | Path, dtype: torch.dtype = torch.bfloat16):
+    """The checkpoint as a transformers LlamaForCausalLM whose projections run rotquant_linear."""
+    from safetensors.torch import load_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    ckpt = Path(ckpt)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    spec = RotQuantSpec.from_dict(cfg["quantization_config"])
+    hf_cfg = LlamaConfig(**{k: v for k, v in cfg.items() if k != "quantization_config"})
+    hf_cfg._attn_implementation = "eager"
+    model = LlamaForCausalLM(hf_cfg).to(dtype).eval()
+    tensors: dict[str, torch.Tensor] = {}
+    for f in sorted(ckpt.glob("*.safetensors")):
+        tensors.update(load_file(str(f)))
+    dense = {k: v for k, v in tensors.items() if not k.endswith((PACKED_SUFFIX, SCALE_SUFFIX))}
+    missing, unexpected = model.load_state_dict(dense, strict=False)
+    assert not unexpected, unexpected
+    for i, layer in enumerate(model.model.layers):
+        for name in linear_shapes(cfg):
+            parent_name, proj = name.split(".")
+            parent = getattr(layer, parent_name)
+            stem = f"model.layers.{i}.{name}"
+            block = spec.down_proj_block if proj == "down_proj" else None
+            setattr(parent, proj, _SimLinear(tensors[f"{stem}.{PACKED_SUFFIX}"],
+                                             tensors[f"{stem}.{SCALE_SUFFIX}"], spec, block))
+    return model
+
+
+@torch.no_grad()
+def reference_logprobs(ckpt: str | Path, token_ids: list[int], dtype: torch.dtype = torch.bfloat16) -> list[float]:
+    """log p(token_i | tokens_<i) for i >= 1 under the torch reference of the checkpoint."""
+    model = load_reference_model(ckpt, dtype)
+    ids = torch.tensor([token_ids])
+    logits = model(ids).logits.float()[0, :-1]
+    lp = torch.log_softmax(logits, dim=-1)
+    return lp.gather(1, ids[0, 1:, None])[:, 0].tolist()
