@@ -1,20 +1,23 @@
 """Triton kernels for per-token activation quantization, fused with the online block Hadamard.
 
-Semantics are those of kernels/reference.py. Per-token symmetric quantization is bit-exact
-(float32 max, `amax*clip` then a correctly rounded division by qmax, correctly rounded x/scale,
-round-half-even, clamp). The block Hadamard differs from the reference only in float summation
-order.
+Semantics are those of kernels/reference.py (run on the CPU). Per-token symmetric quantization is
+bit-exact (float32 max, `amax*clip` then a correctly rounded division by qmax, correctly rounded
+x/scale, round-half-even, clamp). The block Hadamard differs from the reference only in float
+summation order. A row holding NaN takes its scale from its non-NaN values (the reference: 1); its
+output is meaningless either way and never touches other rows.
 
-Hadamard of order p = a*b, H_p = H_a (x) H_b (Kronecker; H_b Sylvester, H_a = Paley core (x)
-Sylvester), applied to a row viewed as [blocks, a, b]:
-  stage 1 (fast axis): [blocks*a, b] @ H_b          - one tensor-core dot; 16-bit inputs times +-1
-                                                      are exact products, fp32 accumulation
-  stage 2 (slow axis): [blocks*b, a] @ H_a          - the fp32 intermediate is split exactly into
-                                                      three bf16 parts (hi+mid+lo), three dots
-then the 1/sqrt(p) normalisation in fp32. Sylvester entries are computed in-kernel from index
-parities; a Paley core (non-power-of-two blocks, e.g. 1536 = 12*128) is read from a small +-1
-table. One program owns one token row, so the per-token max is a register reduction and the
-Hadamard output never touches device memory.
+Hadamard of order p = A*B read off hadamard_matrix(p) = H_A (x) H_B / sqrt(p) (H_B Sylvester, H_A
+a Paley core (x) Sylvester, both +-1 tables loaded once per program), two tensor-core stages:
+  fast-first: x [blocks*A, B] @ H_B (16-bit inputs times +-1: exact products, fp32 accumulation),
+              then [blocks*B, A] @ H_A with the fp32 intermediate split exactly into three bf16
+              parts (hi+mid+lo, three dots);
+  core-first: x [blocks*B, A] @ H_A exactly, then along B by butterflies (B <= 8, fp32 adds) or
+              the split-bf16 dot;
+then the 1/sqrt(p) normalisation in fp32. `hadamard_plan` picks the order and factors (measured
+preferences, else a MAC model); a factor over 256 (e.g. 1376 = 344*4) does not fit shared memory
+and falls back to an fp32 matmul with the cached matrix. Programs are persistent over groups of
+token rows (next group prefetched into registers); a group's rows stay in registers, so the
+per-token max is a register reduction and the Hadamard output never touches device memory.
 """
 from __future__ import annotations
 
