@@ -245,9 +245,11 @@ def rotation_matrix(n: int, seed: int) -> torch.Tensor:
     return random_hadamard(n, seed) if hadamard_supported(n) else random_orthogonal(n, seed)
 
 
-def largest_block(width: int, max_block: int = 2048) -> int:
-    """Largest Hadamard order <= max_block that divides `width` (used for block-diagonal R4)."""
+def largest_block(width: int, max_block: int = 2048, max_core: int = 256) -> int:
+    """Largest Hadamard order <= max_block dividing `width` whose Paley core is <= max_core
+    (block-diagonal R4). The fused CUDA Hadamard+quant kernel handles cores up to 256; larger
+    ones (e.g. 344 for 11008) would fall back to a dense matmul there."""
     for b in range(min(width, max_block), 0, -1):
-        if width % b == 0 and hadamard_supported(b):
+        if width % b == 0 and hadamard_supported(b) and hadamard_factors(b)[0] <= max_core:
             return b
     return 1

@@ -68,6 +68,8 @@ def test_random_rotations_are_seeded_orthogonal():
 def test_largest_block():
     assert largest_block(1536) == 1536
     assert largest_block(768) == 768
-    for width in (192, 1376, 5504):
+    assert largest_block(11008) == 256  # 344 * 32 exists, but its core is too big for the fused kernel
+    assert largest_block(11008, max_core=1024) == 1376
+    for width in (192, 1376, 5504, 14336, 18944):
         b = largest_block(width)
-        assert width % b == 0 and hadamard_supported(b)
+        assert width % b == 0 and hadamard_supported(b) and hadamard_factors(b)[0] <= 256
