@@ -1,0 +1,282 @@
+"""The vLLM plugin in-process, without an engine: registration, config validation, the linear
+method on vLLM's own linear layers (merged qkv / gate_up, row-parallel down with R4) against the
+reference arithmetic, load-time errors, and the R3 pre-hook (also under torch.compile)."""
+from __future__ import annotations
+
+import importlib.metadata
+import tempfile
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from ckpt_factory import build_tiny_checkpoint, with_config  # noqa: E402
+from vllm_rotquant.format import CheckpointError, RotQuantSpec, pack_int4  # noqa: E402
+from vllm_rotquant.kernels.hadamard import hadamard_matrix  # noqa: E402
+from vllm_rotquant.kernels.ops import rotquant_linear  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def vllm_env():
+    """vLLM's current config and a world-size-1 gloo process group, as the model loader has them."""
+    import vllm_rotquant
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.distributed import (destroy_distributed_environment, destroy_model_parallel,
+                                  init_distributed_environment, initialize_model_parallel)
+
+    vllm_rotquant.register()
+    with set_current_vllm_config(VllmConfig()):
+        init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo",
+                                     distributed_init_method=f"file://{tempfile.mktemp(prefix='rq_dist_')}")
+        initialize_model_parallel(1)
+        try:
+            yield
+        finally:
+            destroy_model_parallel()
+            destroy_distributed_environment()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt")
+
+
+def _config(**spec_kw):
+    from vllm_rotquant.config import RotQuantConfig
+
+    return RotQuantConfig(RotQuantSpec(**{"down_proj_block": 128, "qk_block": 32, **spec_kw}))
+
+
+# ----------------------------------------------------------------------------- registration
+def test_entry_point_registers_rotquant():
+    eps = {ep.name: ep.value for ep in importlib.metadata.entry_points(group="vllm.general_plugins")}
+    assert eps.get("rotquant") == "vllm_rotquant:register"
+    from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS, get_quantization_config
+    from vllm.plugins import load_general_plugins
+
+    load_general_plugins()
+    load_general_plugins()  # idempotent
+    import vllm_rotquant
+
+    vllm_rotquant.register()
+    from vllm_rotquant.config import RotQuantConfig
+
+    assert QUANTIZATION_METHODS.count("rotquant") == 1
+    assert get_quantization_config("rotquant") is RotQuantConfig
+    from vllm.platforms import current_platform
+
+    dtypes = set(RotQuantConfig.get_supported_act_dtypes())
+    assert {torch.bfloat16, torch.float16} <= dtypes
+    assert (torch.float32 in dtypes) == current_platform.is_cpu()  # fp32: CPU reference only
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda q: q.update(version=2), "quantization_config.version"),
+    (lambda q: q.update(act_bits=3), "quantization_config.act_bits"),
+    (lambda q: q.pop("weight_bits"), "missing field 'weight_bits'"),
+    (lambda q: q.update(rotation="spin"), "quantization_config.rotation"),
+])
+def test_config_rejects_bad_quantization_config(edit, field):
+    from vllm_rotquant.config import RotQuantConfig
+
+    qcfg = RotQuantSpec(down_proj_block=128, qk_block=32).to_dict()
+    edit(qcfg)
+    with pytest.raises(CheckpointError, match=field.replace(".", r"\.")):
+        RotQuantConfig.from_config(qcfg)
+
+
+def _drop(name):
+    return lambda t, c: t.pop(name)
+
+
+def _reshape(name, rows):
+    return lambda t, c: t.__setitem__(name, t[name][:rows])
+
+
+def _retype(name, dtype):
+    return lambda t, c: t.__setitem__(name, t[name].to(dtype))
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (_drop("model.layers.1.mlp.up_proj.weight_scale"), "missing tensor 'model.layers.1.mlp.up_proj.weight_scale'"),
+    (_reshape("model.layers.0.self_attn.k_proj.weight_packed", 32),
+     "tensor 'model.layers.0.self_attn.k_proj.weight_packed' has shape (32, 64), expected (64, 64)"),
+    (_retype("model.layers.0.mlp.down_proj.weight_packed", torch.int8),
+     "tensor 'model.layers.0.mlp.down_proj.weight_packed' has dtype torch.int8"),
+])
+def test_startup_validation_names_the_tensor(tmp_path, mutate, message):
+    """maybe_update_config (run by vLLM while it builds its config, before any engine starts)
+    reads the safetensors headers and names the first bad tensor."""
+    from vllm_rotquant.config import RotQuantConfig
+
+    ckpt = build_tiny_checkpoint(tmp_path / "bad", mutate=mutate)
+    import json
+
+    qcfg = json.loads((ckpt / "config.json").read_text())["quantization_config"]
+    with pytest.raises(CheckpointError) as err:
+        RotQuantConfig.from_config(qcfg).maybe_update_config(str(ckpt))
+    assert message in str(err.value)
+
+
+def test_engine_config_fails_with_named_field(tmp_path, tiny):
+    """The same errors through vLLM's own config path (what `vllm serve` runs first)."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    cases = {
+        "version": (with_config(tiny, tmp_path / "v2", lambda c: c["quantization_config"].update(version=2)),
+                    "quantization_config.version: unknown rotquant format version 2"),
+        "act_bits": (with_config(tiny, tmp_path / "a3", lambda c: c["quantization_config"].update(act_bits=3)),
+                     "quantization_config.act_bits: unsupported 3"),
+        "shape": (build_tiny_checkpoint(tmp_path / "shape", mutate=_reshape("model.layers.1.mlp.gate_proj.weight_packed", 8)),
+                  "tensor 'model.layers.1.mlp.gate_proj.weight_packed' has shape (8, 64)"),
+    }
+    for name, (ckpt, message) in cases.items():
+        with pytest.raises(Exception) as err:
+            EngineArgs(model=str(ckpt), dtype="bfloat16", max_model_len=256).create_engine_config()
+        assert message in str(err.value), (name, str(err.value))
+
+
+# ----------------------------------------------------------------------------- linear method
+def _load(layer, tensors: dict, prefix: str, parts: dict):
+    """What vLLM's weight loading does: each checkpoint tensor through its parameter's loader."""
+    for shard, name in parts.items():
+        for suffix in ("weight_packed", "weight_scale"):
+            param = getattr(layer, suffix)
+            t = tensors[f"{prefix}.{name}.{suffix}"]
+            if shard is None:
+                param.weight_loader(param, t)
+            else:
+                param.weight_loader(param, t, shard)
+
+
+def _tiny_tensors(ckpt):
+    from safetensors.torch import load_file
+
+    return load_file(str(ckpt / "model.safetensors"))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_linear_method_on_vllm_layers_matches_reference(vllm_env, tiny, dtype):
+    from vllm.model_executor.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+
+    from vllm_rotquant.format import unpack_int4
+    from vllm_rotquant.linear_method import RotQuantLinearMethod
+
+    qc = _config()
+    qc.packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+    t = _tiny_tensors(tiny)
+    p = "model.layers.0"
+    qkv = QKVParallelLinear(128, 32, 4, 2, bias=False, quant_config=qc, prefix=f"{p}.self_attn.qkv_proj", params_dtype=dtype)
+    gu = MergedColumnParallelLinear(128, [256, 256], bias=False, quant_config=qc, prefix=f"{p}.mlp.gate_up_proj", params_dtype=dtype)
+    down = RowParallelLinear(256, 128, bias=False, quant_config=qc, prefix=f"{p}.mlp.down_proj", params_dtype=dtype)
+    for layer in (qkv, gu, down):
+        assert isinstance(layer.quant_method, RotQuantLinearMethod)
+    _load(qkv, t, f"{p}.self_attn", {"q": "q_proj", "k": "k_proj", "v": "v_proj"})
+    _load(gu, t, f"{p}.mlp", {0: "gate_proj", 1: "up_proj"})
+    _load(down, t, f"{p}.mlp", {None: "down_proj"})
+    for layer in (qkv, gu, down):
+        layer.quant_method.process_weights_after_loading(layer)
+    assert down.quant_method.hadamard_block == 128 and qkv.quant_method.hadamard_block is None
+
+    torch.manual_seed(0)
+    x = torch.randn(7, 128, dtype=dtype)
+    h = torch.randn(7, 256, dtype=dtype)
+
+    def ref(x, names, block=None):
+        w = torch.cat([unpack_int4(t[f"{n}.weight_packed"]) for n in names])
+        s = torch.cat([t[f"{n}.weight_scale"].float() for n in names])
+        return rotquant_linear(x, w, s, None, 4, 0.9, block)
+
+    assert torch.equal(qkv(x)[0], ref(x, [f"{p}.self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj")]))
+    assert torch.equal(gu(x)[0], ref(x, [f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"]))
+    assert torch.equal(down(h)[0], ref(h, [f"{p}.mlp.down_proj"], 128))
+    # runtime weight on CPU: int8 unpacked once at load time
+    assert qkv.weight_q.dtype == torch.int8 and qkv.weight_q.shape == (256, 128)
+
+
+def test_loader_names_bad_and_missing_tensors(vllm_env, tiny):
+    from vllm.model_executor.layers.linear import QKVParallelLinear
+
+    qc = _config()
+    qc.packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"]}
+    t = _tiny_tensors(tiny)
+    p = "model.layers.1.self_attn"
+    qkv = QKVParallelLinear(128, 32, 4, 2, bias=False, quant_config=qc, prefix=f"{p}.qkv_proj")
+    with pytest.raises(CheckpointError, match=r"tensor 'model\.layers\.1\.self_attn\.k_proj\.weight_packed' has shape \(64, 32\)"):
+        qkv.weight_packed.weight_loader(qkv.weight_packed, t[f"{p}.k_proj.weight_packed"][:, :32], "k")
+    with pytest.raises(CheckpointError, match=r"'model\.layers\.1\.self_attn\.v_proj\.weight_scale' has dtype torch\.int32"):
+        qkv.weight_scale.weight_loader(qkv.weight_scale, torch.ones(64, 1, dtype=torch.int32), "v")
+    _load(qkv, t, p, {"q": "q_proj", "k": "k_proj"})  # v never arrives
+    with pytest.raises(CheckpointError, match=r"missing tensor 'model\.layers\.1\.self_attn\.v_proj\.weight_packed'"):
+        qkv.quant_method.process_weights_after_loading(qkv)
+
+
+def test_r4_block_must_divide_the_rank_partition(vllm_env):
+    from vllm.model_executor.layers.linear import RowParallelLinear
+
+    with pytest.raises(CheckpointError, match="online_hadamard.down_proj.block 12 does not divide"):
+        RowParallelLinear(256, 128, bias=False, quant_config=_config(down_proj_block=12), prefix="model.layers.0.mlp.down_proj")
+
+
+def test_unquantized_and_ignored_layers(vllm_env):
+    from vllm.model_executor.layers.linear import ReplicatedLinear, UnquantizedLinearMethod
+
+    qc = _config()
+    other = ReplicatedLinear(64, 64, bias=False, quant_config=qc, prefix="model.layers.0.mlp.router")
+    assert isinstance(other.quant_method, UnquantizedLinearMethod)
+    qc2 = _config(ignore=("lm_head", "model.layers.0.self_attn.o_proj"))
+    from vllm.model_executor.layers.linear import RowParallelLinear
+
+    o = RowParallelLinear(128, 128, bias=False, quant_config=qc2, prefix="model.layers.0.self_attn.o_proj")
+    assert isinstance(o.quant_method, UnquantizedLinearMethod)
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+
+    assert qc.get_quant_method(ParallelLMHead(256, 64), "lm_head") is None
+
+
+# ----------------------------------------------------------------------------- R3
+class _AttnStub(torch.nn.Module):
+    def forward(self, query, key, value):
+        return query, key, value
+
+
+@pytest.mark.parametrize("as_kwargs", [False, True])
+def test_r3_pre_hook_rotates_query_and_key_per_head(as_kwargs):
+    from vllm_rotquant.r3 import make_r3_pre_hook
+
+    attn = _AttnStub()
+    attn.register_forward_pre_hook(make_r3_pre_hook(32), with_kwargs=True)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(5, n * 32) for n in (4, 2, 2))
+    out = attn(query=q, key=k, value=v) if as_kwargs else attn(q, k, v)
+    h = hadamard_matrix(32, torch.float32)
+    assert torch.allclose(out[0], (q.view(5, 4, 32) @ h).view(5, 128), atol=1e-6)
+    assert torch.allclose(out[1], (k.view(5, 2, 32) @ h).view(5, 64), atol=1e-6)
+    assert out[2] is v
+    # per-head dot products (what attention sees) are unchanged
+    s0 = torch.einsum("thd,shd->hts", q.view(5, 4, 32)[:, :2], k.view(5, 2, 32))
+    s1 = torch.einsum("thd,shd->hts", out[0].view(5, 4, 32)[:, :2], out[1].view(5, 2, 32))
+    assert torch.allclose(s0, s1, atol=1e-4)
+
+
+def test_r3_pre_hook_traces_under_torch_compile_fullgraph():
+    from vllm_rotquant.r3 import make_r3_pre_hook
+
+    class Outer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = _AttnStub()
+
+        def forward(self, x):
+            q, k, v = self.attn(x, x[:, :64] * 2, x[:, :64] * 3)
+            return q.sum(-1) + k.sum(-1) + v.sum(-1)
+
+    m = Outer()
+    m.attn.register_forward_pre_hook(make_r3_pre_hook(32), with_kwargs=True)
+    x = torch.randn(6, 128, dtype=torch.bfloat16)
+    eager = m(x)
+    compiled = torch.compile(m, fullgraph=True, backend="eager")(x)
+    assert torch.equal(eager, compiled)
+    unhooked = Outer()(x)
+    assert not torch.equal(eager, unhooked)  # the hook ran in both
