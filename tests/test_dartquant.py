@@ -233,6 +233,36 @@ def test_capture_subsamples_seeded_tokens():
     assert torch.allclose(a.r1[1], full.r1[1][:, mask], atol=1e-5)
 
 
+def test_capture_keeps_the_spikiest_tokens():
+    model = _tiny_llama(3)
+    rotate.fold_norms(model)
+    windows = torch.randint(0, 97, (3, 16), generator=torch.Generator().manual_seed(5))
+    full = dartquant.capture(model, windows, "cpu", samples=10**6, seed=0, batch_size=2)
+    cap = dartquant.capture(model, windows, "cpu", samples=8, seed=0, batch_size=1, outliers=5)
+    assert cap.r1_spiky.shape == (2, 2, 5, 64) and cap.r2_spiky.shape == (2, 5, 4, 16)
+    for layer in range(2):
+        for j in range(2):
+            x = full.r1[layer, j]
+            ratio = x.abs().amax(-1) / x.pow(2).mean(-1).sqrt()
+            top = x[ratio.topk(5).indices.sort().values]
+            assert torch.allclose(cap.r1_spiky[layer, j], top, atol=1e-5)
+
+
+def test_outlier_oversampling_protects_a_rare_spike_token():
+    """A rare 1-sparse token (an attention sink): plain whip training trades its flatness away,
+    mixing in the outlier pool keeps it close to the Hadamard's perfectly flat image."""
+    x = _laplace_like(4096, 16, 0)
+    spike = torch.zeros(4, 16)
+    spike[:, 3] = 4.0
+    h = random_hadamard(16, 0)
+    kw = dict(epochs=10, lr=0.05, momentum=0.9, batch=256, seed=0)
+    r_plain, _ = dartquant.train_r1(torch.cat([x, spike]), h, **kw)
+    r_prot, _ = dartquant.train_r1(torch.cat([x, spike]), h, spiky=spike, spiky_weight=0.3, **kw)
+    assert _int4_mse(spike @ h.float()) < 0.006  # flat (only the 0.9 clip costs)
+    assert _int4_mse(spike @ r_prot.float()) < 0.5 * _int4_mse(spike @ r_plain.float())
+    assert _int4_mse(x @ r_prot.float()) < 0.9 * _int4_mse(x @ h.float())  # the bulk still gains
+
+
 def test_unknown_option_is_rejected():
     with pytest.raises(ValueError, match="unknown DartQuant option"):
         dartquant.resolve_options(epoch=3)
