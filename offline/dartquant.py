@@ -376,8 +376,9 @@ def learn_rotations(model, calib_windows: torch.Tensor, r1: torch.Tensor, r2: li
 
     t = time.time()
     x1 = cap.r1.reshape(-1, hidden)
-    with torch.no_grad():
-        loss0_r1 = whip_loss(x1.to(device) @ r1.to(device, torch.float32)).item()
+    with torch.no_grad():  # the Hadamard's loss, in chunks (the pool can be GBs)
+        r1f = r1.to(device, torch.float32)
+        loss0_r1 = sum(whip_loss(c.to(device) @ r1f).item() * c.shape[0] for c in x1.split(16384)) / x1.shape[0]
     sp1 = cap.r1_spiky.reshape(-1, hidden) if cap.r1_spiky is not None else None
     r1_new, h1 = train_r1(x1, r1, epochs=o["epochs"], lr=o["lr"], momentum=o["momentum"], batch=o["batch"],
                           seed=seed, device=device, cosine=o["cosine"], spiky=sp1, spiky_weight=o["outlier_weight"])
@@ -389,9 +390,9 @@ def learn_rotations(model, calib_windows: torch.Tensor, r1: torch.Tensor, r2: li
     t = time.time()
     r2_init = torch.stack([r.double() for r in r2])
     with torch.no_grad():
-        xs = cap.r2.to(device)
-        loss0_r2 = _whip_layers(rotate_heads_layers(xs, r2_init.to(device, torch.float32))).item() / n_layers
-        del xs
+        r2f = r2_init.to(device, torch.float32)
+        loss0_r2 = sum(_whip_layers(rotate_heads_layers(c.to(device), r2f)).item() * c.shape[1]
+                       for c in cap.r2.split(1024, dim=1)) / cap.r2.shape[1] / n_layers
     r2_new, h2 = train_r2(cap.r2, r2_init, epochs=o["r2_epochs"], lr=o["r2_lr"], momentum=o["momentum"],
                           batch=o["r2_batch"], seed=seed, device=device, cosine=o["cosine"],
                           spiky=cap.r2_spiky, spiky_weight=o["outlier_weight"])

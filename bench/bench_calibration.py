@@ -1,0 +1,212 @@
+"""Calibration cost of `rotquant quantize` (issue 4): wall time and peak memory of the whole
+pipeline (fold, DartQuant capture + R1/R2 learning, absorption, GPTQ, write).
+
+Two setups:
+  --preset llama2-7b-random   a Llama-2-7B-shaped model (32 layers, hidden 4096, FFN 11008,
+                              32 heads, vocab 32000) with random N(0, 0.02) weights, built in
+                              memory (meta device, filled on the accelerator) -- no download;
+                              calibration tokens are seeded random ids (a cost benchmark only).
+  --model DIR                 a real HF folder (e.g. SmolLM2-135M), calibrated on --calib text.
+The pipeline is `offline.pipeline.quantize_checkpoint` itself; for the preset, its model and
+tokenizer loaders are replaced by the in-memory model and a random-token tokenizer (loading a
+27 GB fp32 checkpoint from disk is not what is being measured; the build time is reported
+apart). `--probe` also times one decoder layer's forward on the calibration batch in fp32 and
+TF32, to show what the matmul precision costs. Writes <out>/calibration_<name>.json and .md.
+
+  python bench/bench_calibration.py --preset llama2-7b-random --device cuda --out runs/cal
+  python bench/bench_calibration.py --model /tmp/models/smollm2 --device cpu --calib-tokens 16384
+  python bench/bench_calibration.py --preset tiny-random --device cpu      # dry run, seconds
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from vllm_rotquant.offline import dartquant, pipeline
+
+log = logging.getLogger("bench_calibration")
+
+PRESETS = {
+    "llama2-7b-random": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                             num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096),
+    "tiny-random": dict(vocab_size=512, hidden_size=256, intermediate_size=688, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096),
+}
+
+
+class RandomTokenizer:
+    """Stands in for a tokenizer: any text becomes `n` seeded random token ids."""
+
+    def __init__(self, vocab_size: int, n: int, seed: int):
+        self.vocab_size, self.n, self.seed = vocab_size, n, seed
+
+    def __call__(self, text, add_special_tokens=False, return_attention_mask=False):
+        g = torch.Generator().manual_seed(self.seed)
+        return {"input_ids": torch.randint(0, self.vocab_size, (self.n,), generator=g).tolist()}
+
+
+@torch.no_grad()
+def build_random_llama(preset: str, fill_device: str, seed: int = 0):
+    """A float32 LlamaForCausalLM on the CPU with N(0, 0.02) weights and unit norms, built on the
+    meta device and filled tensor by tensor (on the accelerator when there is one: fast)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    cfg = LlamaConfig(**PRESETS[preset], tie_word_embeddings=False, architectures=["LlamaForCausalLM"],
+                      rms_norm_eps=1e-5, torch_dtype="bfloat16")
+    cfg._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    model = model.to_empty(device="cpu")
+    model.model.rotary_emb = LlamaRotaryEmbedding(config=cfg)  # its buffers were lost on meta
+    g = torch.Generator(device=fill_device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+        else:
+            p.copy_(torch.randn(p.shape, generator=g, device=fill_device).mul_(0.02))
+    return model.eval()
+
+
+def probe_forward(model, device: str, batch: int, seq_len: int) -> dict:
+    """Seconds for one decoder layer's forward on [batch, seq_len] hidden states, fp32 vs TF32."""
+    from vllm_rotquant.offline import calibrate
+
+    layer = model.model.layers[0].to(device)
+    windows = torch.randint(0, model.config.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(0))
+    inputs = calibrate.capture_first_layer_inputs(model, windows, device, batch)
+    out = {}
+    prev = torch.backends.cuda.matmul.allow_tf32
+    for name, tf32 in (("fp32", False), ("tf32", True)):
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        calibrate.run_layer(layer, inputs, keep_outputs=False)  # warm-up
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(3):
+            calibrate.run_layer(layer, inputs, keep_outputs=False)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        out[f"layer_forward_{name}_s"] = (time.perf_counter() - t) / 3
+    torch.backends.cuda.matmul.allow_tf32 = prev
+    layer.to("cpu")
+    out["probe_tokens"] = batch * seq_len
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--preset", choices=sorted(PRESETS))
+    src.add_argument("--model", help="HF model folder")
+    ap.add_argument("--name", default=None, help="label for the result files (default: preset or folder name)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--rotation", default="dartquant", choices=["none", "hadamard", "dartquant"])
+    ap.add_argument("--weights", default="gptq", choices=["rtn", "gptq"])
+    ap.add_argument("--a-bits", type=int, default=4)
+    ap.add_argument("--calib", default="brown")
+    ap.add_argument("--calib-tokens", type=int, default=128 * 2048)
+    ap.add_argument("--calib-seq-len", type=int, default=2048)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--dq", default="{}", help="JSON dict of DartQuant options")
+    ap.add_argument("--tf32", action="store_true", help="allow TF32 matmuls (CUDA) for the whole pipeline")
+    ap.add_argument("--probe", action="store_true", help="time one layer forward in fp32 and TF32 first")
+    ap.add_argument("--out", default="runs/calibration", help="folder for the result files")
+    ap.add_argument("--ckpt", default=None, help="where to write the checkpoint (default: a temp dir, deleted)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+    name = args.name or args.preset or Path(args.model).name
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    env = {"torch": torch.__version__, "python": platform.python_version(), "cpu_threads": torch.get_num_threads(),
+           "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"}
+    try:
+        import transformers
+        env["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    torch.backends.cuda.matmul.allow_tf32 = bool(args.tf32)
+    result: dict = {"name": name, "env": env, "args": vars(args)}
+    work = Path(tempfile.mkdtemp(prefix="bench_cal_"))
+    ckpt = Path(args.ckpt) if args.ckpt else work / "ckpt"
+    saved = (pipeline.load_hf_model, pipeline.load_tokenizer)
+    try:
+        if args.preset:
+            t = time.time()
+            fill = args.device if args.device.startswith("cuda") else "cpu"
+            model = build_random_llama(args.preset, fill, args.seed)
+            result["build_s"] = round(time.time() - t, 1)
+            log.info("built %s in %.1f s", args.preset, result["build_s"])
+            if args.probe:
+                result["probe"] = probe_forward(model, args.device, args.batch_size, args.calib_seq_len)
+                torch.backends.cuda.matmul.allow_tf32 = bool(args.tf32)
+                log.info("probe: %s", result["probe"])
+            model_dir = work / "model"
+            model_dir.mkdir()
+            model.config.save_pretrained(model_dir)
+            calib_file = work / "random.txt"
+            calib_file.write_text("random tokens\n")
+            calib = str(calib_file)
+            n_ids = max(4 * args.calib_tokens, 10 * args.calib_seq_len)
+            pipeline.load_hf_model = lambda *a, **k: model  # noqa: E731 -- the in-memory model
+            pipeline.load_tokenizer = lambda *a, **k: RandomTokenizer(model.config.vocab_size, n_ids, args.seed)  # noqa: E731
+        else:
+            model_dir, calib = Path(args.model), args.calib
+        opts = pipeline.QuantizeOptions(
+            rotation=args.rotation, weights=args.weights, a_bits=args.a_bits, calib=calib,
+            calib_tokens=args.calib_tokens, calib_seq_len=args.calib_seq_len, seed=args.seed,
+            device=args.device, batch_size=args.batch_size, dartquant=json.loads(args.dq), overwrite=True)
+        t = time.time()
+        summary = pipeline.quantize_checkpoint(model_dir, ckpt, opts)
+        wall = time.time() - t
+        result["summary"] = summary
+        result["wall_s"] = round(wall, 1)
+        if args.device.startswith("cuda"):
+            result["peak_gpu_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
+            result["peak_gpu_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2 ** 30, 2)
+        result["peak_cpu_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2)
+        if args.rotation == "dartquant":
+            run = dartquant.LAST_RUN
+            result["dartquant"] = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in run.items()
+                                   if k not in ("r1_loss", "r2_loss")}
+            result["dartquant"]["r1_loss"] = [round(v, 4) for v in run["r1_loss"]]
+            result["dartquant"]["r2_loss"] = [round(v, 4) for v in run["r2_loss"]]
+        result["ckpt_mb"] = summary.get("output_mb")
+    finally:
+        pipeline.load_hf_model, pipeline.load_tokenizer = saved
+        if not args.ckpt:
+            shutil.rmtree(work, ignore_errors=True)
+
+    (out / f"calibration_{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    dq = result.get("dartquant", {})
+    s = result["summary"]
+    gpu = f"{result['peak_gpu_allocated_gib']:.2f}" if "peak_gpu_allocated_gib" in result else "-"
+    row = (f"| {name} | {args.device} ({env['device_name']}) | {args.rotation}+{args.weights} | "
+           f"{s['calib_tokens']} | {result['wall_s']:.0f} | {dq.get('capture_s', 0):.0f} | "
+           f"{dq.get('r1_s', 0):.0f} / {dq.get('r2_s', 0):.0f} | {s.get('rotation_s', 0):.0f} | "
+           f"{s.get('weights_s', 0):.0f} | {gpu} | {result['peak_cpu_rss_gib']:.1f} |")
+    header = ("| model | device | method | calib tokens | total s | capture s | R1 / R2 train s | "
+              "rotation s (incl. DartQuant) | GPTQ s | peak GPU GiB | peak CPU RSS GiB |\n"
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    (out / f"calibration_{name}.md").write_text(header + "\n" + row + "\n")
+    print(json.dumps(result, indent=2))
+    print(header)
+    print(row)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
