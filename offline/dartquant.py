@@ -58,6 +58,7 @@ Hyper-parameters (keys of `QuantizeOptions.dartquant`, CLI `--dq-*`):
   cosine   False  cosine learning-rate decay over the steps (reference option, off by default)
   windows  None   capture only the first N calibration windows (default: all)
   capture_batch 8 windows per forward during the capture
+  store    auto   where the hidden states live between layers during the capture (cpu/device)
 The reference trains R1 for 10 epochs on 10 % of 128 x 2048-token sequences per epoch (about
 130 steps of 64 x 2048 tokens) from all layers' q_proj / up_proj inputs, and R2 per layer;
 here the pools are token sub-samples kept in memory (a few hundred MB for a 7B model) instead of
@@ -95,6 +96,7 @@ DEFAULTS: dict[str, Any] = {
     "cosine": False,
     "windows": None,
     "capture_batch": 8,
+    "store": "auto",
 }
 
 # The loss curves, timings and sizes of the last `learn_rotations` call (for reports and tests).
@@ -186,6 +188,17 @@ class Captured:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def _store_for(store: str, device: torch.device, hidden_bytes: int) -> torch.device:
+    if store == "cpu" or device.type != "cuda":
+        return torch.device("cpu")
+    if store == "device":
+        return device
+    if store != "auto":
+        raise ValueError(f"store must be auto, cpu or device, not {store!r}")
+    free, _ = torch.cuda.mem_get_info(device)
+    return device if 3 * hidden_bytes <= min(14 * 2 ** 30, free // 2) else torch.device("cpu")
+
+
 def _layer_mask(n_tokens: int, samples: int, seed: int, layer: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed * 1_000_003 + 7919 * (layer + 1))
     mask = torch.zeros(n_tokens, dtype=torch.bool)
@@ -198,11 +211,15 @@ def _layer_mask(n_tokens: int, samples: int, seed: int, layer: int) -> torch.Ten
 
 @torch.no_grad()
 def capture(model, windows: torch.Tensor, device: str | torch.device = "cpu", samples: int = 2048,
-            seed: int = 0, batch_size: int = 8, layers: list[int] | None = None, outliers: int = 0) -> Captured:
+            seed: int = 0, batch_size: int = 8, layers: list[int] | None = None, outliers: int = 0,
+            store: str = "auto") -> Captured:
     """Run `windows` [n, T] through the model layer by layer (one layer on `device` at a time) and
     keep `samples` seeded random tokens per layer of the q_proj, up_proj and o_proj inputs, plus
     the `outliers` tokens of each with the largest max|x| / rms(x).
-    `layers`: keep only these layers' samples (the forward still runs up to the last of them)."""
+    `layers`: keep only these layers' samples (the forward still runs up to the last of them).
+    `store`: where the hidden states between layers live: "cpu", "device", or "auto" (the device
+    when three copies fit in min(14 GiB, half its free memory): moving 4 GB of hidden states to
+    and from the host per layer costs more than the layer's forward on a 7B model)."""
     t0 = time.time()
     config = model.config
     nq, _, hd = head_geometry(config)
@@ -210,7 +227,8 @@ def capture(model, windows: torch.Tensor, device: str | torch.device = "cpu", sa
     n_tok = windows.numel()
     s = min(samples, n_tok)
     wanted = list(range(len(layers_of(model)))) if layers is None else sorted(layers)
-    inputs = calibrate.capture_first_layer_inputs(model, windows, device, batch_size)
+    where = _store_for(store, device, n_tok * config.hidden_size * 4)
+    inputs = calibrate.capture_first_layer_inputs(model, windows, device, batch_size, store=where)
     r1, r2, r1_sp, r2_sp = [], [], [], []
     for i, layer in enumerate(layers_of(model)):
         if i > wanted[-1]:
@@ -369,7 +387,8 @@ def learn_rotations(model, calib_windows: torch.Tensor, r1: torch.Tensor, r2: li
     o = resolve_options(**options)
     t0 = time.time()
     windows = calib_windows if o["windows"] is None else calib_windows[: o["windows"]]
-    cap = capture(model, windows, device, o["samples"], seed, o["capture_batch"], outliers=o["outliers"])
+    cap = capture(model, windows, device, o["samples"], seed, o["capture_batch"], outliers=o["outliers"],
+                  store=o["store"])
     n_layers = cap.r1.shape[0]
     hidden = cap.r1.shape[-1]
     log.info("DartQuant: captured %d tokens per layer x %d layers (%.1f s)", cap.extra["samples"], n_layers, cap.seconds)
