@@ -35,8 +35,8 @@ def cmd_fetch_data(args) -> int:
 def cmd_quantize(args) -> int:
     from vllm_rotquant.offline.pipeline import QuantizeOptions, quantize_checkpoint
 
-    dq = {k: v for k, v in (("epochs", args.dq_epochs), ("lr", args.dq_lr), ("samples", args.dq_samples))
-          if v is not None}
+    dq = {k: v for k, v in (("epochs", args.dq_epochs), ("lr", args.dq_lr), ("samples", args.dq_samples),
+                            ("outliers", args.dq_outliers)) if v is not None}
     opts = QuantizeOptions(
         rotation=args.rotation, weights=args.weights, w_bits=args.w_bits, a_bits=args.a_bits,
         group_size=args.group_size, act_clip_ratio=args.act_clip, calib=args.calib,
@@ -98,9 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tensor-parallel sizes the checkpoint must support (R4 block divides intermediate/tp)")
     q.add_argument("--r4-block", type=int, default=None, help="online down_proj Hadamard block size")
     q.add_argument("--batch-size", type=int, default=8, help="calibration batch (windows)")
-    q.add_argument("--dq-epochs", type=int, default=None, help="DartQuant epochs")
-    q.add_argument("--dq-lr", type=float, default=None, help="DartQuant learning rate")
-    q.add_argument("--dq-samples", type=int, default=None, help="DartQuant token samples per rotation")
+    q.add_argument("--dq-epochs", type=int, default=None, help="DartQuant epochs over the token sample (default 10)")
+    q.add_argument("--dq-lr", type=float, default=None, help="DartQuant SGD learning rate (default 1e-3)")
+    q.add_argument("--dq-samples", type=int, default=None,
+                   help="DartQuant tokens kept per layer from each captured input (default 2048)")
+    q.add_argument("--dq-outliers", type=int, default=None,
+                   help="DartQuant spikiest tokens per layer and input mixed into every step "
+                        "(default 32; 0 = the reference's uniform sampling)")
     q.add_argument("--overwrite", action="store_true")
     q.add_argument("--json", action="store_true", help="print the summary as JSON")
     q.set_defaults(func=cmd_quantize)
