@@ -46,6 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dq-epochs", type=int, default=None)
     p.add_argument("--dq-lr", type=float, default=None)
     p.add_argument("--dq-samples", type=int, default=None)
+    p.add_argument("--dq-outliers", type=int, default=None)
     p.add_argument("--json", action="store_true", help="print the numbers as JSON")
 
 
@@ -201,8 +202,8 @@ def plot(report: dict, variants: dict[str, torch.Tensor], out: str | Path) -> No
 
 
 def main(args) -> int:
-    dq = {k: v for k, v in (("epochs", args.dq_epochs), ("lr", args.dq_lr), ("samples", args.dq_samples))
-          if v is not None}
+    dq = {k: v for k, v in (("epochs", args.dq_epochs), ("lr", args.dq_lr), ("samples", args.dq_samples),
+                            ("outliers", args.dq_outliers)) if v is not None}
     report, variants = inspect(args.model, args.source, args.layer, args.module, args.data, args.tokens,
                                args.calib, args.calib_tokens, args.seq_len, args.act_clip, args.seed,
                                args.device, dq)
