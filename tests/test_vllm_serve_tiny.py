@@ -78,6 +78,8 @@ def tp1_logprobs(tp1, token_ids):
 def test_default_compile_serves_reference_numerics(tp1, tiny, token_ids, tp1_logprobs):
     log = tp1.log_text()
     assert "quantization=rotquant" in log
+    assert "rotquant: checkpoint" in log and "validated" in log  # startup header check ran
+    assert "rotquant: R3 per-head Hadamard (block 32)" in log  # the hook is installed in the worker
     assert "'backend': 'inductor'" in log and "DYNAMO_TRACE_ONCE" in log, "not vLLM's default CPU compile mode"
     ref = reference_logprobs(tiny, token_ids, dtype=__import__("torch").float32)
     diffs = sorted(abs(a - b) for a, b in zip(tp1_logprobs, ref))

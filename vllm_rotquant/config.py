@@ -14,12 +14,12 @@ process starts. The per-layer methods then come from `get_quant_method`:
 from __future__ import annotations
 
 import json
-import logging
 import struct
 from pathlib import Path
 from typing import Any
 
 import torch
+from vllm.logger import init_logger
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
 from vllm.model_executor.layers.quantization import register_quantization_config
@@ -28,7 +28,7 @@ from vllm.model_executor.layers.quantization.utils.quant_utils import is_layer_s
 
 from vllm_rotquant.format import QUANT_METHOD, CheckpointError, RotQuantSpec, validate_tensors
 
-log = logging.getLogger(__name__)
+log = init_logger("vllm.rotquant")  # under vLLM's logger, so it prints in vLLM's format
 
 # safetensors header dtype names -> torch dtypes (only the ones a checkpoint may reasonably hold)
 _ST_DTYPES = {
@@ -111,7 +111,9 @@ class RotQuantConfig(QuantizationConfig):
         if hf_config is None:
             cfg = json.loads((model_dir / "config.json").read_text())
         validate_tensors(self.spec, cfg, read_safetensors_headers(model_dir), source=str(model_dir))
-        log.info("rotquant: checkpoint %s validated (%s)", model_name, self.spec)
+        sp = self.spec
+        log.info("rotquant: checkpoint %s validated (W%dA%d, rotation %s, group %s, R4 block %s, R3 block %s)",
+                 model_name, sp.weight_bits, sp.act_bits, sp.rotation, sp.group_size, sp.down_proj_block, sp.qk_block)
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
         from vllm_rotquant.linear_method import QUANTIZED_LAYER_NAMES, RotQuantLinearMethod

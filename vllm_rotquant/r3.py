@@ -17,10 +17,13 @@ low-precision KV cache: H spreads the few large key channels of a head over all 
 from __future__ import annotations
 
 import torch
+from vllm.logger import init_logger
 from vllm.model_executor.layers.quantization.kv_cache import BaseKVCacheMethod
 
 from vllm_rotquant.format import CheckpointError
 from vllm_rotquant.kernels import ops  # noqa: F401  (registers torch.ops.rotquant.*)
+
+log = init_logger("vllm.rotquant")
 
 
 def make_r3_pre_hook(block: int):
@@ -54,3 +57,5 @@ class RotQuantR3Method(BaseKVCacheMethod):
                                   f"head size {head_size} of attention layer '{getattr(layer, 'layer_name', '?')}'")
         layer.rotquant_r3_block = self.block
         layer._rotquant_r3_hook = layer.register_forward_pre_hook(make_r3_pre_hook(self.block), with_kwargs=True)
+        log.info_once("rotquant: R3 per-head Hadamard (block %d) on query/key after RoPE, "
+                      "as a forward pre-hook of every attention layer", self.block)
