@@ -1,6 +1,7 @@
 """Loading Hugging Face models for calibration, and fetching the bundled default model."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -22,6 +23,23 @@ def check_architecture(config, source: str) -> None:
         raise CheckpointError(
             f"{source}: unsupported architecture {archs or getattr(config, 'model_type', '?')!r}; "
             f"rotquant supports {', '.join(SUPPORTED_ARCHITECTURES)}")
+
+
+@contextlib.contextmanager
+def atomic_folder(out: Path):
+    """Yield a temporary sibling of `out` to fill; on success it replaces `out` in one rename,
+    on any error it is removed, so `out` never holds a half-written model."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_hf_model(model_dir: str | Path, dtype: torch.dtype = torch.float32):
@@ -71,17 +89,8 @@ def fetch_smollm2(out_dir: str | Path, overwrite: bool = False) -> Path:
     model = LlamaForCausalLM(config)
     model.load_state_dict(gguf_model.state_dict())
     model.to(torch.bfloat16)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        os.chmod(tmp, 0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     log.info("wrote %s", out)
     return out

@@ -9,10 +9,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import resource
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,7 @@ from tqdm.auto import tqdm
 from vllm_rotquant.format import QUANTIZED_PROJECTIONS, RotQuantSpec, pack_int4
 from vllm_rotquant.kernels.hadamard import largest_block, rotation_matrix
 from vllm_rotquant.offline import calibrate, data, quantize, rotate
-from vllm_rotquant.offline.model_io import load_hf_model, load_tokenizer
+from vllm_rotquant.offline.model_io import atomic_folder, load_hf_model, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -222,22 +220,13 @@ def write_checkpoint(model, packed: dict[str, tuple[torch.Tensor, torch.Tensor]]
     config = dict(src_cfg)
     config.update(quantization_config=spec.to_dict(), tie_word_embeddings=False, torch_dtype=str(dtype).split(".")[-1])
     config.pop("dtype", None)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         _save_shards(tensors, tmp)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for f in source_dir.iterdir():
             if f.is_file() and f.name != "config.json" and not f.name.endswith((".safetensors", ".bin", ".index.json", ".pt", ".gguf")):
                 shutil.copy2(f, tmp / f.name)
-        os.chmod(tmp, 0o755)
         size = sum(f.stat().st_size for f in tmp.iterdir())
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return size
 
 
