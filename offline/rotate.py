@@ -112,7 +112,7 @@ def rotate_values(layer, r2: torch.Tensor, config) -> None:
 
 def block_hadamard_rows(x: torch.Tensor, block: int) -> torch.Tensor:
     """x [..., K] @ blockdiag(H_block) in float64 (the offline twin of the online R4)."""
-    h = hadamard_matrix(block)
+    h = hadamard_matrix(block, device=x.device)
     k = x.shape[-1]
     return (x.double().reshape(*x.shape[:-1], k // block, block) @ h).reshape(x.shape)
 
