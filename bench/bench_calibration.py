@@ -195,12 +195,12 @@ def main(argv=None) -> int:
     s = result["summary"]
     gpu = f"{result['peak_gpu_allocated_gib']:.2f}" if "peak_gpu_allocated_gib" in result else "-"
     row = (f"| {name} | {args.device} ({env['device_name']}) | {args.rotation}+{args.weights} | "
-           f"{s['calib_tokens']} | {result['wall_s']:.0f} | {dq.get('capture_s', 0):.0f} | "
+           f"{s['calib_tokens']} | {result['wall_s']:.0f} | {s.get('prepare_s', 0):.0f} | {dq.get('capture_s', 0):.0f} | "
            f"{dq.get('r1_s', 0):.0f} / {dq.get('r2_s', 0):.0f} | {s.get('rotation_s', 0):.0f} | "
-           f"{s.get('weights_s', 0):.0f} | {gpu} | {result['peak_cpu_rss_gib']:.1f} |")
-    header = ("| model | device | method | calib tokens | total s | capture s | R1 / R2 train s | "
-              "rotation s (incl. DartQuant) | GPTQ s | peak GPU GiB | peak CPU RSS GiB |\n"
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+           f"{s.get('weights_s', 0):.0f} | {s.get('write_s', 0):.0f} | {gpu} | {result['peak_cpu_rss_gib']:.1f} |")
+    header = ("| model | device | method | calib tokens | total s | load+fold+tokenize s | capture s | R1 / R2 train s | "
+              "rotation s (incl. DartQuant) | weights s | write s | peak GPU GiB | peak CPU RSS GiB |\n"
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     (out / f"calibration_{name}.md").write_text(header + "\n" + row + "\n")
     print(json.dumps(result, indent=2))
     print(header)

@@ -45,6 +45,21 @@ class LayerInputs:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def choose_store(store: str, device: torch.device | str, hidden_bytes: int) -> torch.device:
+    """Where hidden states live between layers: "cpu", "device", or "auto" = the device when three
+    copies (inputs, outputs, headroom for a batch's temporaries) fit in min(14 GiB, half its free memory):
+    moving GBs of hidden states to and from the host per layer costs more than the layer's forward."""
+    if store not in ("auto", "cpu", "device"):
+        raise ValueError(f"store must be auto, cpu or device, not {store!r}")
+    device = torch.device(device)
+    if store == "cpu" or device.type != "cuda":
+        return torch.device("cpu")
+    if store == "device":
+        return device
+    free, _ = torch.cuda.mem_get_info(device)
+    return device if 3 * hidden_bytes <= min(14 * 2 ** 30, free // 2) else torch.device("cpu")
+
+
 def _to(obj, device):
     if isinstance(obj, torch.Tensor):
         return obj.to(device)
@@ -96,12 +111,12 @@ def run_layer(layer: nn.Module, inputs: LayerInputs, keep_outputs: bool = True,
         finally:
             handle.remove()
         return None
-    outs = []
+    out = torch.empty_like(inputs.hidden) if keep_outputs else None  # no list + cat: one copy less at the peak
     for i in range(0, inputs.hidden.shape[0], inputs.batch_size):
         y = _forward(layer, inputs, i)
-        if keep_outputs:
-            outs.append(y.to(inputs.hidden.device))
-    return torch.cat(outs) if keep_outputs else None
+        if out is not None:
+            out[i: i + y.shape[0]].copy_(y)
+    return out
 
 
 def _raise_stop(module, args, output):

@@ -43,6 +43,8 @@ def cmd_quantize(args) -> int:
         calib_tokens=args.calib_tokens, calib_seq_len=args.calib_seq_len, seed=args.seed,
         device=args.device, tp_sizes=tuple(args.tp_sizes) if args.tp_sizes else None,
         r4_block=args.r4_block, batch_size=args.batch_size, dartquant=dq, overwrite=args.overwrite)
+    if args.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
     summary = quantize_checkpoint(args.model, args.out, opts)
     if args.json:
         print(json.dumps(summary))
@@ -105,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--dq-outliers", type=int, default=None,
                    help="DartQuant spikiest tokens per layer and input mixed into every step "
                         "(default 32; 0 = the reference's uniform sampling)")
+    q.add_argument("--tf32", action="store_true",
+                   help="allow TF32 matmuls on CUDA: calibration forwards ~3x faster (10-bit mantissa products)")
     q.add_argument("--overwrite", action="store_true")
     q.add_argument("--json", action="store_true", help="print the summary as JSON")
     q.set_defaults(func=cmd_quantize)

@@ -188,17 +188,6 @@ class Captured:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _store_for(store: str, device: torch.device, hidden_bytes: int) -> torch.device:
-    if store == "cpu" or device.type != "cuda":
-        return torch.device("cpu")
-    if store == "device":
-        return device
-    if store != "auto":
-        raise ValueError(f"store must be auto, cpu or device, not {store!r}")
-    free, _ = torch.cuda.mem_get_info(device)
-    return device if 3 * hidden_bytes <= min(14 * 2 ** 30, free // 2) else torch.device("cpu")
-
-
 def _layer_mask(n_tokens: int, samples: int, seed: int, layer: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed * 1_000_003 + 7919 * (layer + 1))
     mask = torch.zeros(n_tokens, dtype=torch.bool)
@@ -227,7 +216,7 @@ def capture(model, windows: torch.Tensor, device: str | torch.device = "cpu", sa
     n_tok = windows.numel()
     s = min(samples, n_tok)
     wanted = list(range(len(layers_of(model)))) if layers is None else sorted(layers)
-    where = _store_for(store, device, n_tok * config.hidden_size * 4)
+    where = calibrate.choose_store(store, device, n_tok * config.hidden_size * 4)
     inputs = calibrate.capture_first_layer_inputs(model, windows, device, batch_size, store=where)
     r1, r2, r1_sp, r2_sp = [], [], [], []
     for i, layer in enumerate(layers_of(model)):

@@ -57,24 +57,31 @@ def fold_norms(model) -> None:
     model.model.norm.weight.data.fill_(1.0)
 
 
+def _on(t: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """t in float64 on r's device (where the product runs: the accelerator's float64 units are
+    ~100x a CPU's, which matters for a 7B model's ~50 TFLOP of absorption)."""
+    return t.to(r.device).to(torch.float64)  # move, then widen (on the device)
+
+
 def _right(linear: nn.Linear, r: torch.Tensor) -> None:
     w = linear.weight.data
-    linear.weight.data = (w.double() @ r).to(w.dtype)
+    linear.weight.data = (_on(w, r) @ r).to(w.dtype).to(w.device)
 
 
 def _left_t(linear: nn.Linear, r: torch.Tensor) -> None:
     w = linear.weight.data
-    linear.weight.data = (r.T @ w.double()).to(w.dtype)
+    linear.weight.data = (r.T @ _on(w, r)).to(w.dtype).to(w.device)
     if linear.bias is not None:
         b = linear.bias.data
-        linear.bias.data = (b.double() @ r).to(b.dtype)
+        linear.bias.data = (_on(b, r) @ r).to(b.dtype).to(b.device)
 
 
-def rotate_residual(model, r1: torch.Tensor) -> None:
-    """Absorb R1 (hidden x hidden, orthogonal, float64) into every reader and writer."""
-    r1 = r1.double()
+def rotate_residual(model, r1: torch.Tensor, device: torch.device | str = "cpu") -> None:
+    """Absorb R1 (hidden x hidden, orthogonal) into every reader and writer; the float64 products
+    run on `device`, the weights stay where they are."""
+    r1 = r1.to(device, torch.float64)
     emb = model.model.embed_tokens.weight
-    emb.data = (emb.data.double() @ r1).to(emb.dtype)
+    emb.data = (_on(emb.data, r1) @ r1).to(emb.dtype).to(emb.device)
     for layer in layers_of(model):
         attn, mlp = layer.self_attn, layer.mlp
         for lin in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
@@ -92,22 +99,23 @@ def head_geometry(config) -> tuple[int, int, int]:
     return nq, nkv, hd
 
 
-def rotate_values(layer, r2: torch.Tensor, config) -> None:
-    """Absorb R2 [num_kv_heads, head_dim, head_dim] into v_proj rows and o_proj columns."""
+def rotate_values(layer, r2: torch.Tensor, config, device: torch.device | str = "cpu") -> None:
+    """Absorb R2 [num_kv_heads, head_dim, head_dim] into v_proj rows and o_proj columns
+    (float64 products on `device`)."""
     nq, nkv, hd = head_geometry(config)
     if tuple(r2.shape) != (nkv, hd, hd):
         raise ValueError(f"R2 has shape {tuple(r2.shape)}, expected {(nkv, hd, hd)}")
-    r2 = r2.double()
+    r2 = r2.to(device, torch.float64)
     v, o = layer.self_attn.v_proj, layer.self_attn.o_proj
-    wv = v.weight.data.double().reshape(nkv, hd, -1)
-    v.weight.data = torch.einsum("hji,hjk->hik", r2, wv).reshape(nkv * hd, -1).to(v.weight.dtype)
+    wv = _on(v.weight.data, r2).reshape(nkv, hd, -1)
+    v.weight.data = torch.einsum("hji,hjk->hik", r2, wv).reshape(nkv * hd, -1).to(v.weight.dtype).to(v.weight.device)
     if v.bias is not None:
-        bv = v.bias.data.double().reshape(nkv, hd)
-        v.bias.data = torch.einsum("hj,hjk->hk", bv, r2).reshape(-1).to(v.bias.dtype)
+        bv = _on(v.bias.data, r2).reshape(nkv, hd)
+        v.bias.data = torch.einsum("hj,hjk->hk", bv, r2).reshape(-1).to(v.bias.dtype).to(v.bias.device)
     group = nq // nkv
     r2_q = r2.repeat_interleave(group, dim=0)  # query head i uses KV head i // group
-    wo = o.weight.data.double().reshape(o.weight.shape[0], nq, hd)
-    o.weight.data = torch.einsum("ohj,hjk->ohk", wo, r2_q).reshape(o.weight.shape[0], -1).to(o.weight.dtype)
+    wo = _on(o.weight.data, r2).reshape(o.weight.shape[0], nq, hd)
+    o.weight.data = torch.einsum("ohj,hjk->ohk", wo, r2_q).reshape(o.weight.shape[0], -1).to(o.weight.dtype).to(o.weight.device)
 
 
 def block_hadamard_rows(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -117,10 +125,11 @@ def block_hadamard_rows(x: torch.Tensor, block: int) -> torch.Tensor:
     return (x.double().reshape(*x.shape[:-1], k // block, block) @ h).reshape(x.shape)
 
 
-def absorb_down_hadamard(layer, block: int) -> None:
-    """down_proj W <- W H_bd; the online Hadamard on its input restores the product."""
+def absorb_down_hadamard(layer, block: int, device: torch.device | str = "cpu") -> None:
+    """down_proj W <- W H_bd (float64 on `device`); the online Hadamard on its input restores the product."""
     down = layer.mlp.down_proj
-    down.weight.data = block_hadamard_rows(down.weight.data, block).to(down.weight.dtype)
+    w = down.weight.data
+    down.weight.data = block_hadamard_rows(w.to(device), block).to(w.dtype).to(w.device)
 
 
 class OnlineHadamard:

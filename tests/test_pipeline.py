@@ -168,3 +168,22 @@ def test_cli_quantize_and_eval(src, tmp_path, calib_file, capsys):
     res = json.loads(capsys.readouterr().out)
     assert res["tokens"] == 3 * 63 and res["ppl"] > 1 and {"ppl", "tokens", "seconds"} <= set(res)
     assert cli.main(["eval", str(tmp_path / "missing"), "--data", calib_file]) == 2
+
+
+def test_layer_runner_store_choice_and_outputs(src):
+    """Hidden states stay on the host without an accelerator; a bad store name is named; the
+    preallocated layer outputs equal the layer's own forward."""
+    from vllm_rotquant.offline import calibrate
+
+    assert calibrate.choose_store("auto", "cpu", 1 << 40) == torch.device("cpu")
+    with pytest.raises(ValueError, match="store must be auto, cpu or device, not 'gpu'"):
+        calibrate.choose_store("gpu", "cpu", 1)
+    model = load_hf_model(src)
+    ids = torch.randint(0, 300, (5, 24), generator=torch.Generator().manual_seed(1))
+    inputs = calibrate.capture_first_layer_inputs(model, ids, "cpu", batch_size=2)
+    layer = rotate.layers_of(model)[0]
+    out = calibrate.run_layer(layer, inputs)
+    with torch.no_grad():
+        ref = model.model.layers[0](inputs.hidden, **inputs.kwargs)
+    ref = ref[0] if isinstance(ref, tuple) else ref
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,110 @@
+"""`rotquant quantize --device cuda`: the calibrator's accelerator path (layer-by-layer capture,
+DartQuant, float64 absorption on the device, GPTQ with the online R4 twin) agrees with the CPU
+path on a tiny random Llama. The CPU path is the tested reference (tests/test_pipeline.py)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the model factories
+
+from hf_factory import build_hf_model  # noqa: E402
+from vllm_rotquant.format import unpack_int4  # noqa: E402
+from vllm_rotquant.offline import dartquant, pipeline, rotate  # noqa: E402
+from vllm_rotquant.offline.model_io import load_hf_model  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+DEVICE = "cuda"
+TEXT = " ".join(f"Sentence number {i} tells of fortune, wives, foxes and dogs." for i in range(400))
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory):
+    return build_hf_model(tmp_path_factory.mktemp("llama"), "llama", intermediate_size=320)
+
+
+@pytest.fixture(scope="module")
+def calib_file(tmp_path_factory):
+    p = tmp_path_factory.mktemp("data") / "calib.txt"
+    p.write_text(TEXT)
+    return str(p)
+
+
+def _quantize(src, out, device, calib, **kw):
+    opts = pipeline.QuantizeOptions(weights="gptq", calib=calib, calib_tokens=2048, calib_seq_len=128,
+                                    device=device, batch_size=4, seed=0, **kw)
+    pipeline.quantize_checkpoint(src, out, opts)
+    return load_file(str(Path(out) / "model.safetensors"))
+
+
+def test_online_hadamard_twin_on_device():
+    x = torch.randn(3, 5, 320, dtype=torch.float32)
+    ref = rotate.block_hadamard_rows(x, 64)
+    got = rotate.block_hadamard_rows(x.to(DEVICE), 64)
+    assert got.device.type == DEVICE
+    torch.testing.assert_close(got.cpu(), ref, rtol=0, atol=1e-12)
+
+
+def test_absorption_on_device_equals_cpu(src):
+    """R1/R2/R4 products in float64 on the device: the weights stay on the CPU and match."""
+    cpu, dev = load_hf_model(src), load_hf_model(src)
+    r1, r2 = pipeline.hadamard_rotations(cpu.config, 3)
+    for model, device in ((cpu, "cpu"), (dev, DEVICE)):
+        rotate.fold_norms(model)
+        rotate.rotate_residual(model, r1, device)
+        for layer, r in zip(rotate.layers_of(model), r2):
+            rotate.rotate_values(layer, r, model.config, device)
+            rotate.absorb_down_hadamard(layer, 64, device)
+    for (name, a), (_, b) in zip(cpu.state_dict().items(), dev.state_dict().items()):
+        assert b.device.type == "cpu", name
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("rotation", ["hadamard", "dartquant"])
+def test_gptq_on_device_matches_cpu(src, calib_file, tmp_path, rotation):
+    """Same checkpoint up to float32 rounding: GPTQ's error feedback on another device flips a few
+    roundings, never more than one step, and the unquantized tensors agree to bf16 rounding."""
+    dq = {"epochs": 2, "samples": 512, "batch": 256, "r2_batch": 64}
+    kw = {"rotation": rotation, "dartquant": dq if rotation == "dartquant" else {}}
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    a = _quantize(src, tmp_path / "cpu", "cpu", calib_file, **kw)
+    b = _quantize(src, tmp_path / "dev", DEVICE, calib_file, **kw)
+    assert a.keys() == b.keys()
+    for name in a:
+        if name.endswith("weight_packed"):
+            qa, qb = unpack_int4(a[name]).int(), unpack_int4(b[name]).int()
+            same = (qa == qb).float().mean().item()
+            assert same > 0.9, f"{name}: only {same:.3f} of the INT4 values agree"
+            assert (qa - qb).abs().max() <= (1 if rotation == "hadamard" else 15), name
+        elif name.endswith("weight_scale"):
+            torch.testing.assert_close(b[name].float(), a[name].float(), rtol=2e-2 if rotation == "dartquant" else 2e-3,
+                                       atol=0, msg=name)
+        else:
+            tol = 5e-2 if rotation == "dartquant" else 1e-2
+            torch.testing.assert_close(b[name].float(), a[name].float(), rtol=tol, atol=tol, msg=name)
+
+
+def test_dartquant_rotations_on_device_match_cpu(src, calib_file):
+    """The learned R1/R2 are orthogonal on both devices and the same up to float32 rounding."""
+    from vllm_rotquant.offline import data
+    from vllm_rotquant.offline.model_io import load_tokenizer
+
+    model = load_hf_model(src)
+    rotate.fold_norms(model)
+    ids = data.tokenize(load_tokenizer(src), TEXT)
+    windows = data.calibration_windows(ids, 128, 2048, 0)
+    r1, r2 = pipeline.hadamard_rotations(model.config, 0)
+    opts = {"epochs": 3, "samples": 512, "batch": 256, "r2_batch": 64}
+    r1_cpu, r2_cpu = dartquant.learn_rotations(model, windows, r1, r2, device="cpu", **opts)
+    r1_dev, r2_dev = dartquant.learn_rotations(model, windows, r1, r2, device=DEVICE, **opts)
+    eye = torch.eye(r1.shape[0], dtype=torch.float64)
+    torch.testing.assert_close(r1_dev.T @ r1_dev, eye, rtol=0, atol=1e-12)
+    assert (r1_dev - r1).abs().max() > 1e-4  # it learned something
+    torch.testing.assert_close(r1_dev, r1_cpu, rtol=0, atol=1e-4)
+    for a, b in zip(r2_cpu, r2_dev):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-4)
