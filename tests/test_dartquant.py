@@ -263,6 +263,33 @@ def test_outlier_oversampling_protects_a_rare_spike_token():
     assert _int4_mse(x @ r_prot.float()) < 0.9 * _int4_mse(x @ h.float())  # the bulk still gains
 
 
+def test_weight_rows_term_flattens_the_weight_rows_too():
+    """`weight_rows`: reader weight rows (rotated like tokens) share the loss; the learned R then
+    flattens them more than the activation-only R does, and a share >= 1 in total is refused."""
+    x = _laplace_like(4096, 16, 0)
+    w = _laplace_like(512, 16, 7) @ torch.linalg.qr(torch.randn(16, 16, generator=torch.Generator().manual_seed(5)))[0]
+    h = random_hadamard(16, 0)
+    kw = dict(epochs=10, lr=0.05, momentum=0.9, batch=256, seed=0)
+    r_act, _ = dartquant.train_r1(x, h, **kw)
+    r_both, _ = dartquant.train_r1(x, h, rows=w, rows_weight=0.5, **kw)
+    assert dartquant.whip_loss(w @ r_both.float()) < dartquant.whip_loss(w @ r_act.float())
+    assert _int4_mse(w @ r_both.float()) < _int4_mse(w @ r_act.float())
+    with pytest.raises(ValueError, match="must be < 1"):
+        dartquant.train_r1(x, h, rows=w, rows_weight=0.8, spiky=x[:4], spiky_weight=0.3, **kw)
+
+
+def test_reader_weight_rows_are_unit_rms_rows_of_every_reader(tmp_path):
+    from hf_factory import build_hf_model
+    from vllm_rotquant.offline.model_io import load_hf_model
+
+    model = load_hf_model(build_hf_model(tmp_path / "m", "llama"))
+    rows = dartquant.reader_weight_rows(model)
+    c = model.config
+    per_layer = c.num_attention_heads * 16 + 2 * c.num_key_value_heads * 16 + 2 * c.intermediate_size
+    assert rows.shape == (c.num_hidden_layers * per_layer, c.hidden_size)
+    torch.testing.assert_close(rows.pow(2).mean(-1), torch.ones(rows.shape[0]))
+
+
 def test_unknown_option_is_rejected():
     with pytest.raises(ValueError, match="unknown DartQuant option"):
         dartquant.resolve_options(epoch=3)
