@@ -118,11 +118,21 @@ def rotate_values(layer, r2: torch.Tensor, config, device: torch.device | str = 
     o.weight.data = torch.einsum("ohj,hjk->ohk", wo, r2_q).reshape(o.weight.shape[0], -1).to(o.weight.dtype).to(o.weight.device)
 
 
-def block_hadamard_rows(x: torch.Tensor, block: int) -> torch.Tensor:
-    """x [..., K] @ blockdiag(H_block) in float64 (the offline twin of the online R4)."""
+def block_hadamard_rows(x: torch.Tensor, block: int, dtype: torch.dtype = torch.float64,
+                        chunk_rows: int = 4096) -> torch.Tensor:
+    """x [..., K] @ blockdiag(H_block), computed in float64 and returned as `dtype` (the offline
+    twin of the online R4). Rows go through in chunks so that a calibration batch (16k tokens x
+    11008 on a 7B model) never has a whole float64 copy on the accelerator."""
     h = hadamard_matrix(block, device=x.device)
     k = x.shape[-1]
-    return (x.double().reshape(*x.shape[:-1], k // block, block) @ h).reshape(x.shape)
+    if k % block:
+        raise ValueError(f"block {block} does not divide the last dimension {k}")
+    flat = x.reshape(-1, k)
+    out = torch.empty(flat.shape, dtype=dtype, device=x.device)
+    for i in range(0, flat.shape[0], chunk_rows):
+        part = flat[i: i + chunk_rows].double().reshape(-1, k // block, block) @ h
+        out[i: i + chunk_rows] = part.reshape(-1, k)
+    return out.reshape(x.shape)
 
 
 def absorb_down_hadamard(layer, block: int, device: torch.device | str = "cpu") -> None:
@@ -140,7 +150,7 @@ class OnlineHadamard:
 
     def __call__(self, module, args):
         x = args[0]
-        return (block_hadamard_rows(x, self.block).to(x.dtype), *args[1:])
+        return (block_hadamard_rows(x, self.block, x.dtype), *args[1:])
 
 
 def install_online_hadamard(model, block: int) -> list:

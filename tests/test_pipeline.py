@@ -187,3 +187,17 @@ def test_layer_runner_store_choice_and_outputs(src):
         ref = model.model.layers[0](inputs.hidden, **inputs.kwargs)
     ref = ref[0] if isinstance(ref, tuple) else ref
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_block_hadamard_rows_chunked_equals_whole_and_names_bad_block():
+    from vllm_rotquant.kernels.hadamard import hadamard_matrix
+
+    x = torch.randn(3, 7, 192, dtype=torch.float32, generator=torch.Generator().manual_seed(2))
+    h = torch.block_diag(*[hadamard_matrix(64)] * 3)
+    ref = x.double() @ h
+    torch.testing.assert_close(rotate.block_hadamard_rows(x, 64, chunk_rows=4), ref, rtol=0, atol=1e-12)
+    out = rotate.block_hadamard_rows(x, 64, torch.float32, chunk_rows=5)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref.float(), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="block 128 does not divide the last dimension 192"):
+        rotate.block_hadamard_rows(x, 128)
