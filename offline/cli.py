@@ -36,7 +36,8 @@ def cmd_quantize(args) -> int:
     from vllm_rotquant.offline.pipeline import QuantizeOptions, quantize_checkpoint
 
     dq = {k: v for k, v in (("epochs", args.dq_epochs), ("lr", args.dq_lr), ("samples", args.dq_samples),
-                            ("outliers", args.dq_outliers), ("weight_rows", args.dq_weight_rows)) if v is not None}
+                            ("outliers", args.dq_outliers), ("weight_rows", args.dq_weight_rows),
+                            ("starts", args.dq_starts)) if v is not None}
     opts = QuantizeOptions(
         rotation=args.rotation, weights=args.weights, w_bits=args.w_bits, a_bits=args.a_bits,
         group_size=args.group_size, act_clip_ratio=args.act_clip, calib=args.calib,
@@ -106,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--dq-outliers", type=int, default=None,
                    help="DartQuant spikiest tokens per layer and input mixed into every step "
                         "(default 32; 0 = the reference's uniform sampling)")
+    q.add_argument("--dq-starts", type=int, default=None,
+                   help="DartQuant Hadamard starts; with RTN weights the one whose quantized model has the lowest "
+                        "calibration loss is kept (default: 4 with RTN, 1 with GPTQ)")
     q.add_argument("--dq-weight-rows", type=float, default=None,
                    help="share of R1's loss given to the readers' weight rows (default 0: activations only)")
     q.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,

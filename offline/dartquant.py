@@ -60,6 +60,9 @@ Hyper-parameters (keys of `QuantizeOptions.dartquant`, CLI `--dq-*`):
                    RTN quantizes rows as the activation quantizer does tokens. On SmolLM2 W4A4
                    RTN, seeds 0-4: mean perplexity 119.3 (0.3) vs 124.3 (0) vs 123.7 Hadamard,
                    within the seed-to-seed spread (sd ~10); see bench/RESULTS.md.
+  starts   None   Hadamard starts to learn from (one shared capture); None = 4 with RTN weights, 1
+                   with GPTQ. The pipeline keeps the start whose RTN-quantized model has the lowest
+                   loss on `score_windows` (4) calibration windows: offline/select_rotation.py says why
   cosine   False  cosine learning-rate decay over the steps (reference option, off by default)
   windows  None   capture only the first N calibration windows (default: all)
   capture_batch 8 windows per forward during the capture
@@ -99,6 +102,8 @@ DEFAULTS: dict[str, Any] = {
     "outliers": 32,
     "outlier_weight": 0.3,
     "weight_rows": 0.0,
+    "starts": None,
+    "score_windows": 4,
     "cosine": False,
     "windows": None,
     "capture_batch": 8,
@@ -406,22 +411,48 @@ def learn_rotations(model, calib_windows: torch.Tensor, r1: torch.Tensor, r2: li
 
     `model`: folded (norm gains 1), untied, unrotated, float32 on the CPU (left unchanged).
     Returns float64 orthogonal matrices in the shapes of the inputs."""
+    return learn_candidates(model, calib_windows, [(r1, r2)], device, seed, **options)[0]
+
+
+def learn_candidates(model, calib_windows: torch.Tensor, inits: list[tuple[torch.Tensor, list[torch.Tensor]]],
+                     device: str = "cpu", seed: int = 0, **options) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
+    """`learn_rotations` from each (R1, R2) start in `inits`, on one shared capture (the captured
+    activations do not depend on the start). Returns one learned (R1, R2) per start."""
     o = resolve_options(**options)
     t0 = time.time()
     windows = calib_windows if o["windows"] is None else calib_windows[: o["windows"]]
     cap = capture(model, windows, device, o["samples"], seed, o["capture_batch"], outliers=o["outliers"],
                   store=o["store"])
     n_layers = cap.r1.shape[0]
-    hidden = cap.r1.shape[-1]
     log.info("DartQuant: captured %d tokens per layer x %d layers (%.1f s)", cap.extra["samples"], n_layers, cap.seconds)
+    rows = reader_weight_rows(model) if o["weight_rows"] > 0 else None
+    results, runs = [], []
+    for r1, r2 in inits:
+        r1_new, r2_new, run = _learn_one(cap, r1, r2, rows, o, device, seed)
+        results.append((r1_new, [r2_new[i].clone() for i in range(n_layers)]))
+        runs.append(run)
+    LAST_RUN.clear()
+    LAST_RUN.update(options=o, **{**runs[0], "r1_s": sum(r["r1_s"] for r in runs), "r2_s": sum(r["r2_s"] for r in runs)},
+                    capture_s=cap.seconds, total_s=time.time() - t0,
+                    samples=cap.extra["samples"], layers=n_layers, starts=len(inits))
+    if len(runs) > 1:
+        LAST_RUN["candidate_runs"] = runs
+    del cap
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+    return results
 
+
+def _learn_one(cap: Captured, r1: torch.Tensor, r2: list[torch.Tensor], rows: torch.Tensor | None,
+               o: dict[str, Any], device, seed: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    n_layers = cap.r1.shape[0]
+    hidden = cap.r1.shape[-1]
     t = time.time()
     x1 = cap.r1.reshape(-1, hidden)
     with torch.no_grad():  # the Hadamard's loss, in chunks (the pool can be GBs)
         r1f = r1.to(device, torch.float32)
         loss0_r1 = sum(whip_loss(c.to(device) @ r1f).item() * c.shape[0] for c in x1.split(16384)) / x1.shape[0]
     sp1 = cap.r1_spiky.reshape(-1, hidden) if cap.r1_spiky is not None else None
-    rows = reader_weight_rows(model) if o["weight_rows"] > 0 else None
     r1_new, h1 = train_r1(x1, r1, epochs=o["epochs"], lr=o["lr"], momentum=o["momentum"], batch=o["batch"],
                           seed=seed, device=device, cosine=o["cosine"], spiky=sp1, spiky_weight=o["outlier_weight"],
                           rows=rows, rows_weight=o["weight_rows"])
@@ -442,12 +473,5 @@ def learn_rotations(model, calib_windows: torch.Tensor, r1: torch.Tensor, r2: li
     r2_s = time.time() - t
     log.info("DartQuant R2: whip %.4f (Hadamard) -> %s (per epoch, mean over layers), %.1f s",
              loss0_r2, " ".join(f"{v:.4f}" for v in h2), r2_s)
-
-    LAST_RUN.clear()
-    LAST_RUN.update(options=o, r1_loss_init=loss0_r1, r1_loss=h1, r2_loss_init=loss0_r2, r2_loss=h2,
-                    capture_s=cap.seconds, r1_s=r1_s, r2_s=r2_s, total_s=time.time() - t0,
-                    samples=cap.extra["samples"], layers=n_layers)
-    del cap
-    if torch.device(device).type == "cuda":
-        torch.cuda.empty_cache()
-    return r1_new, [r2_new[i].clone() for i in range(n_layers)]
+    run = dict(r1_loss_init=loss0_r1, r1_loss=h1, r2_loss_init=loss0_r2, r2_loss=h2, r1_s=r1_s, r2_s=r2_s)
+    return r1_new, r2_new, run

@@ -78,6 +78,36 @@ def hadamard_rotations(config, seed: int) -> tuple[torch.Tensor, list[torch.Tens
     return r1, r2
 
 
+RTN_STARTS = 4  # DartQuant starts scored when the weights are RTN (see offline/select_rotation.py)
+
+
+def dartquant_rotations(model, windows: torch.Tensor, r4_block: int, opts: QuantizeOptions):
+    """DartQuant R1/R2. With GPTQ weights: learned from the seed's Hadamard. With RTN weights:
+    learned from `starts` Hadamard seeds (default RTN_STARTS) and the one whose RTN-quantized
+    model has the lowest loss on `score_windows` calibration windows is kept."""
+    from vllm_rotquant.offline import dartquant, select_rotation
+
+    o = dartquant.resolve_options(**opts.dartquant)
+    starts = o["starts"] or (RTN_STARTS if opts.weights == "rtn" else 1)
+    if starts > 1 and opts.weights != "rtn":
+        raise ValueError(f"DartQuant starts={starts} picks a rotation by its RTN-quantized loss; with "
+                         f"--weights {opts.weights} use one start (GPTQ corrects the rounding itself)")
+    inits = [hadamard_rotations(model.config, opts.seed + 100_003 * k) for k in range(starts)]
+    cands = dartquant.learn_candidates(model, windows, inits, device=opts.device, seed=opts.seed, **opts.dartquant)
+    if len(cands) == 1:
+        return cands[0]
+    t = time.time()
+    scores = [select_rotation.quantized_nll(model, windows[: o["score_windows"]], r1, r2, r4_block, w_bits=opts.w_bits,
+                                            group_size=opts.group_size, a_bits=opts.a_bits, clip=opts.act_clip_ratio,
+                                            device=opts.device, batch_size=opts.batch_size)
+              for r1, r2 in tqdm(cands, desc="score rotations", unit="start")]
+    best = min(range(len(scores)), key=scores.__getitem__)
+    log.info("DartQuant: %d starts, W%dA%d RTN calibration NLL %s -> start %d (%.1f s)", starts, opts.w_bits,
+             opts.a_bits, " ".join(f"{v:.4f}" for v in scores), best, time.time() - t)
+    dartquant.LAST_RUN.update(start_scores=scores, chosen_start=best, score_s=time.time() - t)
+    return cands[best]
+
+
 def peak_memory_mb(device: str) -> float:
     if device.startswith("cuda") and torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2 ** 20
@@ -109,14 +139,11 @@ def quantize_checkpoint(model_dir: str | Path, out_dir: str | Path, opts: Quanti
     timings: dict[str, float] = {"prepare_s": time.time() - t0}  # load, fold, tokenize
     if opts.rotation != "none":
         t = time.time()
+        r4_block = plan_r4_block(config, tp_sizes, opts.r4_block)
         r1, r2 = hadamard_rotations(config, opts.seed)
         if opts.rotation == "dartquant":
-            from vllm_rotquant.offline import dartquant
-
-            r1, r2 = dartquant.learn_rotations(model, calib_windows, r1, r2, device=opts.device,
-                                               seed=opts.seed, **opts.dartquant)
+            r1, r2 = dartquant_rotations(model, calib_windows, r4_block, opts)
         rotate.rotate_residual(model, r1, opts.device)
-        r4_block = plan_r4_block(config, tp_sizes, opts.r4_block)
         qk_block = rotate.head_geometry(config)[2]
         for layer, r2_layer in zip(rotate.layers_of(model), r2):
             rotate.rotate_values(layer, r2_layer, config, opts.device)

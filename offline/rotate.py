@@ -83,12 +83,17 @@ def rotate_residual(model, r1: torch.Tensor, device: torch.device | str = "cpu")
     emb = model.model.embed_tokens.weight
     emb.data = (_on(emb.data, r1) @ r1).to(emb.dtype).to(emb.device)
     for layer in layers_of(model):
-        attn, mlp = layer.self_attn, layer.mlp
-        for lin in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
-            _right(lin, r1)
-        for lin in (attn.o_proj, mlp.down_proj):
-            _left_t(lin, r1)
+        rotate_layer_residual(layer, r1)
     _right(model.lm_head, r1)
+
+
+def rotate_layer_residual(layer, r1: torch.Tensor) -> None:
+    """R1 into one decoder layer: readers W <- W R1, writers W <- R1^T W (products on r1's device)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    for lin in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
+        _right(lin, r1)
+    for lin in (attn.o_proj, mlp.down_proj):
+        _left_t(lin, r1)
 
 
 def head_geometry(config) -> tuple[int, int, int]:

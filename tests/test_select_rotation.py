@@ -1,0 +1,63 @@
+"""Picking a DartQuant rotation by its quantized calibration loss (RTN weights)."""
+import pytest
+import torch
+
+from hf_factory import build_hf_model
+from vllm_rotquant.offline import dartquant, pipeline, rotate, select_rotation
+from vllm_rotquant.offline.model_io import load_hf_model
+
+TEXT = " ".join(f"Sentence number {i} tells of fortune, wives, foxes and dogs." for i in range(400))
+DQ = {"epochs": 2, "samples": 256, "batch": 128, "r2_batch": 64, "score_windows": 2}
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory):
+    return build_hf_model(tmp_path_factory.mktemp("llama"), "llama", intermediate_size=256)
+
+
+@pytest.fixture(scope="module")
+def calib_file(tmp_path_factory):
+    p = tmp_path_factory.mktemp("data") / "calib.txt"
+    p.write_text(TEXT)
+    return str(p)
+
+
+def _fp_nll(model, windows):
+    with torch.no_grad():
+        logits = model(input_ids=windows, use_cache=False).logits[:, :-1].double()
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1)).item()
+
+
+def test_quantized_nll_is_the_fp_loss_without_quantization_and_grows_with_it(src):
+    model = load_hf_model(src)
+    prompts = torch.randint(3, 300, (3, 4), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # the model's own greedy text: low fp loss, which quantization noise raises
+        windows = model.generate(prompts, max_new_tokens=44, do_sample=False, min_new_tokens=44)
+    ref = _fp_nll(model, windows)
+    rotate.fold_norms(model)
+    folded = _fp_nll(model, windows)
+    r1, r2 = pipeline.hadamard_rotations(model.config, 1)
+    fp = select_rotation.quantized_nll(model, windows, r1, r2, 64, w_bits=None, a_bits=16, batch_size=2)
+    assert abs(fp - ref) < 1e-4  # rotation + R4 twin are exact: the scoring path is the model
+    w4 = select_rotation.quantized_nll(model, windows, r1, r2, 64, w_bits=4, a_bits=16)
+    w4a4 = select_rotation.quantized_nll(model, windows, r1, r2, 64, w_bits=4, a_bits=4)
+    assert fp < w4 < w4a4
+    # the model itself is left untouched
+    assert _fp_nll(model, windows) == folded
+
+
+def test_rtn_keeps_the_start_with_the_lowest_quantized_loss(src, calib_file, tmp_path):
+    opts = pipeline.QuantizeOptions(rotation="dartquant", weights="rtn", calib=calib_file, calib_tokens=1024,
+                                    calib_seq_len=128, dartquant={**DQ, "starts": 3})
+    pipeline.quantize_checkpoint(src, tmp_path / "ck", opts)
+    scores = dartquant.LAST_RUN["start_scores"]
+    assert len(scores) == 3 and len(set(scores)) == 3
+    assert dartquant.LAST_RUN["chosen_start"] == min(range(3), key=scores.__getitem__)
+    assert len(dartquant.LAST_RUN["candidate_runs"]) == 3
+
+
+def test_several_starts_with_gptq_are_refused(src, calib_file, tmp_path):
+    opts = pipeline.QuantizeOptions(rotation="dartquant", weights="gptq", calib=calib_file, calib_tokens=1024,
+                                    calib_seq_len=128, dartquant={**DQ, "starts": 2})
+    with pytest.raises(ValueError, match="with --weights gptq use one start"):
+        pipeline.quantize_checkpoint(src, tmp_path / "ck", opts)
