@@ -432,7 +432,8 @@ def learn_candidates(model, calib_windows: torch.Tensor, inits: list[tuple[torch
         results.append((r1_new, [r2_new[i].clone() for i in range(n_layers)]))
         runs.append(run)
     LAST_RUN.clear()
-    LAST_RUN.update(options=o, **{**runs[0], "r1_s": sum(r["r1_s"] for r in runs), "r2_s": sum(r["r2_s"] for r in runs)},
+    LAST_RUN.update(runs[0])  # the first start's curves; the times below cover all starts
+    LAST_RUN.update(options=o, r1_s=sum(r["r1_s"] for r in runs), r2_s=sum(r["r2_s"] for r in runs),
                     capture_s=cap.seconds, total_s=time.time() - t0,
                     samples=cap.extra["samples"], layers=n_layers, starts=len(inits))
     if len(runs) > 1:

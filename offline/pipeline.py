@@ -140,9 +140,10 @@ def quantize_checkpoint(model_dir: str | Path, out_dir: str | Path, opts: Quanti
     if opts.rotation != "none":
         t = time.time()
         r4_block = plan_r4_block(config, tp_sizes, opts.r4_block)
-        r1, r2 = hadamard_rotations(config, opts.seed)
         if opts.rotation == "dartquant":
             r1, r2 = dartquant_rotations(model, calib_windows, r4_block, opts)
+        else:
+            r1, r2 = hadamard_rotations(config, opts.seed)
         rotate.rotate_residual(model, r1, opts.device)
         qk_block = rotate.head_geometry(config)[2]
         for layer, r2_layer in zip(rotate.layers_of(model), r2):
@@ -189,18 +190,11 @@ def quantize_checkpoint(model_dir: str | Path, out_dir: str | Path, opts: Quanti
     return summary
 
 
-def _linears(layer):
-    for parent in ("self_attn", "mlp"):
-        for name, lin in getattr(layer, parent).named_children():
-            if name in QUANTIZED_PROJECTIONS:
-                yield f"{parent}.{name}", lin
-
-
 def _quantize_rtn(model, opts: QuantizeOptions) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     packed = {}
     layers = rotate.layers_of(model)
     for i, layer in enumerate(tqdm(layers, desc="RTN", unit="layer")):
-        for name, lin in _linears(layer):
+        for name, lin in rotate.quantized_linears(layer):
             q, s = quantize.rtn(lin.weight.data, opts.w_bits, opts.group_size)
             packed[f"model.layers.{i}.{name}"] = (q, s)
     return packed

@@ -17,6 +17,7 @@ import logging
 import torch
 from torch import nn
 
+from vllm_rotquant.format import QUANTIZED_PROJECTIONS
 from vllm_rotquant.kernels.hadamard import hadamard_matrix
 
 log = logging.getLogger(__name__)
@@ -24,6 +25,14 @@ log = logging.getLogger(__name__)
 
 def layers_of(model) -> nn.ModuleList:
     return model.model.layers
+
+
+def quantized_linears(layer):
+    """("self_attn.q_proj", module), ... for the layer's linears that the checkpoint quantizes."""
+    for parent in ("self_attn", "mlp"):
+        for name, lin in getattr(layer, parent).named_children():
+            if name in QUANTIZED_PROJECTIONS:
+                yield f"{parent}.{name}", lin
 
 
 def untie_embeddings(model) -> None:

@@ -23,7 +23,6 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from vllm_rotquant.format import QUANTIZED_PROJECTIONS
 from vllm_rotquant.kernels.reference import quant_act_ref
 from vllm_rotquant.offline import calibrate, quantize, rotate
 
@@ -45,15 +44,12 @@ def _quantized_layer(layer, r1: torch.Tensor, r2: torch.Tensor, r4_block: int | 
     if r4_block:
         rotate.absorb_down_hadamard(q, r4_block, device)
         q.mlp.down_proj.register_forward_pre_hook(rotate.OnlineHadamard(r4_block))  # before the quantizer
-    for parent in (q.self_attn, q.mlp):
-        for name, lin in parent.named_children():
-            if name not in QUANTIZED_PROJECTIONS:
-                continue
-            if w_bits is not None:
-                w, s = quantize.rtn(lin.weight.data, w_bits, group_size)
-                lin.weight.data = quantize.dequantize(w, s).to(lin.weight.dtype)
-            if a_bits < 16:
-                lin.register_forward_pre_hook(_fake_quant_hook(clip, a_bits))
+    for _, lin in rotate.quantized_linears(q):
+        if w_bits is not None:
+            w, s = quantize.rtn(lin.weight.data, w_bits, group_size)
+            lin.weight.data = quantize.dequantize(w, s).to(lin.weight.dtype)
+        if a_bits < 16:
+            lin.register_forward_pre_hook(_fake_quant_hook(clip, a_bits))
     return q
 
 

@@ -8,6 +8,9 @@ import torch
 
 from ckpt_factory import write_tokenizer
 
+# Calibration text for the tiny-model calibrator tests (the tiny tokenizer knows these words).
+CALIB_TEXT = " ".join(f"Sentence number {i} tells of fortune, wives, foxes and dogs." for i in range(400))
+
 TINY_SRC = dict(hidden_size=64, intermediate_size=192, num_attention_heads=4, num_key_value_heads=2,
                 head_dim=16, num_hidden_layers=2, max_position_embeddings=512, rms_norm_eps=1e-5)
 

@@ -13,14 +13,7 @@ from vllm_rotquant.offline.model_io import load_hf_model
 from vllm_rotquant.offline.quantize import dequantize
 from vllm_rotquant.offline.simulate import load_simulated
 
-TEXT = " ".join(f"Sentence number {i} tells of fortune, wives, foxes and dogs." for i in range(400))
 
-
-@pytest.fixture(scope="module")
-def calib_file(tmp_path_factory):
-    p = tmp_path_factory.mktemp("data") / "calib.txt"
-    p.write_text(TEXT)
-    return str(p)
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2", "mistral"])
@@ -74,7 +67,7 @@ def test_simulation_reproduces_dequantized_model(src, tmp_path, calib_file, weig
     for i, (layer, r) in enumerate(zip(rotate.layers_of(model), r2)):
         rotate.rotate_values(layer, r, model.config)
         rotate.absorb_down_hadamard(layer, spec.down_proj_block)
-        for name, lin in pipeline._linears(layer):
+        for name, lin in rotate.quantized_linears(layer):
             stem = f"model.layers.{i}.{name}"
             lin.weight.data = dequantize(unpack_int4(tensors[f"{stem}.weight_packed"]),
                                          tensors[f"{stem}.weight_scale"]).float()

@@ -6,7 +6,6 @@ from hf_factory import build_hf_model
 from vllm_rotquant.offline import dartquant, pipeline, rotate, select_rotation
 from vllm_rotquant.offline.model_io import load_hf_model
 
-TEXT = " ".join(f"Sentence number {i} tells of fortune, wives, foxes and dogs." for i in range(400))
 DQ = {"epochs": 2, "samples": 256, "batch": 128, "r2_batch": 64, "score_windows": 2}
 
 
@@ -14,12 +13,6 @@ DQ = {"epochs": 2, "samples": 256, "batch": 128, "r2_batch": 64, "score_windows"
 def src(tmp_path_factory):
     return build_hf_model(tmp_path_factory.mktemp("llama"), "llama", intermediate_size=256)
 
-
-@pytest.fixture(scope="module")
-def calib_file(tmp_path_factory):
-    p = tmp_path_factory.mktemp("data") / "calib.txt"
-    p.write_text(TEXT)
-    return str(p)
 
 
 def _fp_nll(model, windows):

@@ -3,35 +3,25 @@ DartQuant, float64 absorption on the device, GPTQ with the online R4 twin) agree
 path on a tiny random Llama. The CPU path is the tested reference (tests/test_pipeline.py)."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the model factories
-
-from hf_factory import build_hf_model  # noqa: E402
-from vllm_rotquant.format import unpack_int4  # noqa: E402
-from vllm_rotquant.offline import dartquant, pipeline, rotate  # noqa: E402
-from vllm_rotquant.offline.model_io import load_hf_model  # noqa: E402
+from hf_factory import CALIB_TEXT, build_hf_model
+from vllm_rotquant.format import unpack_int4
+from vllm_rotquant.offline import dartquant, pipeline, rotate
+from vllm_rotquant.offline.model_io import load_hf_model
 
 pytestmark = pytest.mark.gpu
 DEVICE = "cuda"
-TEXT = " ".join(f"Sentence number {i} tells of fortune, wives, foxes and dogs." for i in range(400))
 
 
 @pytest.fixture(scope="module")
 def src(tmp_path_factory):
     return build_hf_model(tmp_path_factory.mktemp("llama"), "llama", intermediate_size=320)
 
-
-@pytest.fixture(scope="module")
-def calib_file(tmp_path_factory):
-    p = tmp_path_factory.mktemp("data") / "calib.txt"
-    p.write_text(TEXT)
-    return str(p)
 
 
 def _quantize(src, out, device, calib, **kw):
@@ -96,7 +86,7 @@ def test_dartquant_rotations_on_device_match_cpu(src, calib_file):
 
     model = load_hf_model(src)
     rotate.fold_norms(model)
-    ids = data.tokenize(load_tokenizer(src), TEXT)
+    ids = data.tokenize(load_tokenizer(src), CALIB_TEXT)
     windows = data.calibration_windows(ids, 128, 2048, 0)
     r1, r2 = pipeline.hadamard_rotations(model.config, 0)
     opts = {"epochs": 3, "samples": 512, "batch": 256, "r2_batch": 64}
