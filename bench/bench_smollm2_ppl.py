@@ -26,6 +26,7 @@ ROWS = {
     "bf16": (None, None, None, None),
     "W4A4 none+RTN": ("none", "rtn", 4, None),
     "W4A4 hadamard+RTN": ("hadamard", "rtn", 4, None),
+    "W4A8 hadamard+RTN": ("hadamard", "rtn", 8, "W4A4 hadamard+RTN"),
     "W4A4 hadamard+GPTQ": ("hadamard", "gptq", 4, None),
     "W4A8 hadamard+GPTQ": ("hadamard", "gptq", 8, "W4A4 hadamard+GPTQ"),
     "W4A16 hadamard+GPTQ": ("hadamard", "gptq", 16, "W4A4 hadamard+GPTQ"),

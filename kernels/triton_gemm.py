@@ -151,9 +151,11 @@ def _cfg(bm, bn, bkp, warps, stages, split=1, group_m=8):
 _NUM_SMS: dict = {}
 
 
-def _num_sms(device: torch.device) -> int:
+def num_sms(device: torch.device, interpreted: int = 132) -> int:
+    """Streaming multiprocessors of `device` (cached); `interpreted` stands in under the Triton
+    interpreter or off CUDA, where grids are sized for the host instead."""
     if INTERPRET or device.type != "cuda":
-        return 132
+        return interpreted
     idx = device.index if device.index is not None else torch.cuda.current_device()
     if idx not in _NUM_SMS:
         _NUM_SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
@@ -164,7 +166,7 @@ def pick_config(m: int, n: int, k: int, group: int, device: torch.device) -> dic
     """Tile configuration per (M bucket, N, K), chosen from the H100 sweeps recorded in
     bench/RESULTS.md. Deterministic (no run-time autotuning, so CUDA-graph capture and
     torch.compile never see a benchmark run)."""
-    sms = _num_sms(device)
+    sms = num_sms(device)
     kh = k // 2
     if m <= 16:  # memory-bound: stream the 4-bit weights with many small-N programs
         if n >= 8192:

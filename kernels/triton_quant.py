@@ -32,6 +32,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from vllm_rotquant.kernels.hadamard import hadamard_factors, hadamard_matrix
+from vllm_rotquant.kernels.triton_gemm import num_sms
 
 logger = logging.getLogger(__name__)
 
@@ -420,18 +421,6 @@ def quant_act(x: torch.Tensor, clip: float, bits: int) -> tuple[torch.Tensor, to
     return q.reshape(x.shape), s.reshape(*x.shape[:-1], 1)
 
 
-_NUM_SMS: dict = {}
-
-
-def _num_sms(device: torch.device) -> int:
-    if INTERPRET or device.type != "cuda":
-        return 4
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _NUM_SMS:
-        _NUM_SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _NUM_SMS[idx]
-
-
 def _launch_hadamard(x2, plan, block, clip, qm, q, s, f, num_warps=None, ctas_per_sm=None):
     m = x2.shape[0]
     split_in = x2.dtype == torch.float32
@@ -445,7 +434,7 @@ def _launch_hadamard(x2, plan, block, clip, qm, q, s, f, num_warps=None, ctas_pe
     if ctas_per_sm is None:
         ctas_per_sm = max(1, 32 // warps)
     groups = triton.cdiv(m, plan["R"])
-    grid = min(groups, _num_sms(x2.device) * ctas_per_sm)
+    grid = min(groups, num_sms(x2.device, interpreted=4) * ctas_per_sm)
     _hadamard_quant_kernel[(grid,)](
         x2, q if q is not None else f, s if s is not None else hb, f if f is not None else x2,
         hb, ha, m, x2.stride(0), q.stride(0) if q is not None else 0,
