@@ -73,7 +73,10 @@ here the pools are token sub-samples kept in memory (a few hundred MB for a 7B m
 the full activations on disk (hundreds of GB), and steps are smaller and more numerous. QR-Orth
 is scale-invariant (Q(cZ) = Q(Z)) and the gradient is orthogonal to Z, so |Z| grows and the
 effective step shrinks by itself; results were insensitive to lr in 1e-3..1e-2 on SmolLM2.
-Everything is seeded; on the CPU the result is bitwise reproducible.
+Everything is seeded; on the CPU the result is bitwise reproducible for a given number of torch
+threads. Another thread count changes float reductions, and 10 epochs of SGD carry that to a
+0.6 % relative change of R1 on SmolLM2 (1 % of the RTN INT4 values differ); with RTN weights that
+alone moved W4A4 perplexity by 5 % (bench/RESULTS.md).
 """
 from __future__ import annotations
 
