@@ -58,8 +58,8 @@ Hyper-parameters (keys of `QuantizeOptions.dartquant`, CLI `--dq-*`):
   weight_rows 0.0  share of R1's loss given to the q/k/v/gate/up weight rows, each scaled to RMS 1
                    (our option, off by default): W <- W R1 rotates a row exactly as a token, and
                    RTN quantizes rows as the activation quantizer does tokens. On SmolLM2 W4A4
-                   RTN, seeds 0-4: mean perplexity 119.3 (0.3) vs 124.3 (0) vs 123.7 Hadamard,
-                   within the seed-to-seed spread (sd ~10); see bench/RESULTS.md.
+                   RTN, seeds 0-4 (one-thread runs): mean perplexity 119.3 (0.3) vs 124.3 (0) vs
+                   123.7 Hadamard, within the seed-to-seed spread (sd ~10); see bench/RESULTS.md.
   starts   None   Hadamard starts to learn from (one shared capture); None = 4 with RTN weights, 1
                    with GPTQ. The pipeline keeps the start whose RTN-quantized model has the lowest
                    loss on `score_windows` (4) calibration windows: offline/select_rotation.py says why

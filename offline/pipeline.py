@@ -96,15 +96,16 @@ def dartquant_rotations(model, windows: torch.Tensor, r4_block: int, opts: Quant
     cands = dartquant.learn_candidates(model, windows, inits, device=opts.device, seed=opts.seed, **opts.dartquant)
     if len(cands) == 1:
         return cands[0]
-    t = time.time()
+    t0 = time.time()
     scores = [select_rotation.quantized_nll(model, windows[: o["score_windows"]], r1, r2, r4_block, w_bits=opts.w_bits,
                                             group_size=opts.group_size, a_bits=opts.a_bits, clip=opts.act_clip_ratio,
                                             device=opts.device, batch_size=opts.batch_size)
               for r1, r2 in tqdm(cands, desc="score rotations", unit="start")]
     best = min(range(len(scores)), key=scores.__getitem__)
+    seconds = time.time() - t0
     log.info("DartQuant: %d starts, W%dA%d RTN calibration NLL %s -> start %d (%.1f s)", starts, opts.w_bits,
-             opts.a_bits, " ".join(f"{v:.4f}" for v in scores), best, time.time() - t)
-    dartquant.LAST_RUN.update(start_scores=scores, chosen_start=best, score_s=time.time() - t)
+             opts.a_bits, " ".join(f"{v:.4f}" for v in scores), best, seconds)
+    dartquant.LAST_RUN.update(start_scores=scores, chosen_start=best, score_s=seconds)
     return cands[best]
 
 

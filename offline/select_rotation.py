@@ -6,7 +6,7 @@ Why: with RTN weights the perplexity depends mostly on which rounding noise a ro
 not on how flat the activations are. The attention-sink token's normalized input is almost
 1-sparse on a channel whose folded weights are small, so RTN leaves its q/v/up outputs 25-85 %
 noise (the same share for every orthogonal R1), and every token attends to it. Random-Hadamard
-seeds alone span 110-134 W4A4 perplexity on SmolLM2, and that ranking shows on any text: the
+seeds 0-4 alone span 110-127 W4A4 perplexity on SmolLM2, and that ranking shows on any text: the
 quantized model's loss on brown orders the checkpoints as their austen perplexity does. The
 whip loss cannot see weight rounding, so several learned rotations are scored here and the
 best one is kept. GPTQ feeds the rounding error back through the calibration Hessian and needs

@@ -14,8 +14,6 @@ from vllm_rotquant.offline.quantize import dequantize
 from vllm_rotquant.offline.simulate import load_simulated
 
 
-
-
 @pytest.fixture(scope="module", params=["llama", "qwen2", "mistral"])
 def src(request, tmp_path_factory):
     return build_hf_model(tmp_path_factory.mktemp(request.param), request.param)

@@ -14,7 +14,6 @@ def src(tmp_path_factory):
     return build_hf_model(tmp_path_factory.mktemp("llama"), "llama", intermediate_size=256)
 
 
-
 def _fp_nll(model, windows):
     with torch.no_grad():
         logits = model(input_ids=windows, use_cache=False).logits[:, :-1].double()

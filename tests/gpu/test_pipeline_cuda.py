@@ -60,7 +60,6 @@ def test_rtn_on_device_matches_cpu(src, calib_file, tmp_path):
     b = _quantize(src, tmp_path / "dev", DEVICE, calib_file, weights="rtn")
     assert a.keys() == b.keys()
     for name in a:
-        assert b[name].device.type == "cpu", name
         if name.endswith("weight_packed"):
             qa, qb = unpack_int4(a[name]).int(), unpack_int4(b[name]).int()
             assert (qa == qb).float().mean().item() > 0.999, name
