@@ -1,6 +1,6 @@
 """Benchmark of the rotquant CUDA kernels (issue 5). One device call:
 
-    python bench/bench_kernels.py [--out DIR] [--sweep] [--quick]
+    python bench/bench_kernels.py [--out DIR] [--sweep] [--quick] [--asym [--no-table]]
 
 Prints, for the linear shapes of Llama-2-7B, Llama-3-8B and SmolLM2 and M in {1,16,128,512,2048,8192},
 the time of bf16 F.linear (cuBLAS), torch._int_mm on int8 (cuBLASLt, M > 16 only), our full W4A4
@@ -184,6 +184,43 @@ def run_linear_table(out_rows, ms, quick=False):
                 print(f"  ({time.time() - t0:.1f}s)", file=sys.stderr, flush=True)
 
 
+def run_asym_table(out_rows, ms):
+    """The cost of asymmetric activations (zero point from the per-token min and max, and the GEMM
+    epilogue's za[m] * wsum[n] correction) against the symmetric linear on the same data."""
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    print()
+    print("| model | layer | K→N | M | W4A4 sym µs | W4A4 asym µs | asym/sym |")
+    print("|---|---|---|---|---|---|---|")
+    for model in ("Llama-2-7B", "Llama-3-8B"):
+        for layer, (k, n, block) in MODELS[model].items():
+            if layer != layer.strip():
+                continue
+            for m in ms:
+                sets = {}
+
+                def data(i):
+                    if i not in sets:
+                        w = torch.randint(-8, 8, (n, k), device="cuda", dtype=torch.int8, generator=gen)
+                        sw = (torch.rand(n, 1, device="cuda", generator=gen) * 0.01 + 1e-3).to(torch.bfloat16)
+                        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen) + 0.3
+                        wk = prepare_weight(w)
+                        sets[i] = (wk, sw, x, ops.weight_sums(wk, 1))
+                    return sets[i]
+
+                def mk(sym):
+                    def make(i):
+                        wk, sw, x, wsum = data(i)
+                        return lambda: ops.rotquant_linear(x, wk, sw, None, 4, 0.9, block, sym, None if sym else wsum)
+                    return make
+
+                qbytes = n * k // 2 + 2 * m * k + m * k + 2 * m * n
+                t_sym, t_asym = timed_graph(mk(True), qbytes), timed_graph(mk(False), qbytes)
+                sets.clear()
+                out_rows.append(dict(model=model, layer=layer, k=k, n=n, m=m, block=block, sym=t_sym, asym=t_asym))
+                print(f"| {model} | {layer}{'(H' + str(block) + ')' if block else ''} | {k}→{n} | {m} | "
+                      f"{fmt_us(t_sym)} | {fmt_us(t_asym)} | {t_asym / t_sym:5.2f} |", flush=True)
+
+
 def run_quant_table(out_rows, copy_gbs):
     gen = torch.Generator(device="cuda").manual_seed(1)
     cases = [("quant_act", 4096, None), ("quant_act", 14336, None),
@@ -290,6 +327,7 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="also sweep GEMM / Hadamard configs")
     ap.add_argument("--sweep-hq", action="store_true", help="sweep the Hadamard+quant plans only")
     ap.add_argument("--no-table", action="store_true")
+    ap.add_argument("--asym", action="store_true", help="also time asymmetric against symmetric activations")
     ap.add_argument("--ms", default=",".join(map(str, MS)))
     args = ap.parse_args()
     import triton
@@ -297,7 +335,7 @@ def main():
     info = dict(device=props.name, sms=props.multi_processor_count, torch=torch.__version__,
                 triton=triton.__version__, cuda=torch.version.cuda)
     print(f"device: {info}")
-    rows = {"info": info, "linear": [], "quant": [], "sweep": [], "hq_sweep": []}
+    rows = {"info": info, "linear": [], "quant": [], "sweep": [], "hq_sweep": [], "asym": []}
     copy_bandwidth()  # warm-up: clocks up
     copy_gbs = copy_bandwidth()
     print(f"device-to-device copy: {copy_gbs:.0f} GB/s (read + write)")
@@ -310,6 +348,8 @@ def main():
         run_quant_table(rows["quant"], copy_gbs)
         print()
         run_linear_table(rows["linear"], [int(v) for v in args.ms.split(",")])
+    if args.asym:
+        run_asym_table(rows["asym"], [int(v) for v in args.ms.split(",")])
     copy_end = copy_bandwidth()
     print(f"device-to-device copy at the end: {copy_end:.0f} GB/s")
     rows["copy_gbs_end"] = copy_end

@@ -4,9 +4,10 @@
 
 Each row quantizes (unless its checkpoint already exists in --work) and evaluates with
 `rotquant eval` arithmetic (the simulation of the served kernels). W4A8/W4A16 rows reuse the
-W4A4 row's GPTQ weights with another `act_bits`: the weight quantizer never sees quantized
-activations (its Hessians come from full-precision inputs), so re-running it would write the
-same tensors. Prints a markdown table.
+W4A4 row's GPTQ weights with another `act_bits` (and the "asym" rows with asymmetric activations):
+the weight quantizer never sees quantized activations (its Hessians come from full-precision
+inputs), so re-running it would write the same tensors. DartQuant+RTN is the exception (its
+starts are scored with quantized activations), so its asym row quantizes afresh. Prints a markdown table.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from vllm_rotquant.offline.evaluate import evaluate
 from vllm_rotquant.offline.model_io import fetch_smollm2
 from vllm_rotquant.offline.pipeline import QuantizeOptions, quantize_checkpoint
 
-# name -> (rotation, weights, act_bits, derived from)
+# name -> (rotation, weights, act_bits, derived from); "asym" rows: per-token asymmetric activations
 ROWS = {
     "bf16": (None, None, None, None),
     "W4A4 none+RTN": ("none", "rtn", 4, None),
@@ -34,6 +35,11 @@ ROWS = {
     "W4A4 dartquant+GPTQ": ("dartquant", "gptq", 4, None),
     "W4A8 dartquant+RTN": ("dartquant", "rtn", 8, "W4A4 dartquant+RTN"),
     "W4A8 dartquant+GPTQ": ("dartquant", "gptq", 8, "W4A4 dartquant+GPTQ"),
+    "W4A4 hadamard+RTN asym": ("hadamard", "rtn", 4, "W4A4 hadamard+RTN"),
+    "W4A4 hadamard+GPTQ asym": ("hadamard", "gptq", 4, "W4A4 hadamard+GPTQ"),
+    "W4A4 dartquant+GPTQ asym": ("dartquant", "gptq", 4, "W4A4 dartquant+GPTQ"),
+    # quantized afresh: with RTN, DartQuant's starts are scored with the activations as served
+    "W4A4 dartquant+RTN asym": ("dartquant", "rtn", 4, None),
 }
 
 
@@ -41,13 +47,14 @@ def slug(name: str) -> str:
     return name.lower().replace("+", "-").replace(" ", "-")
 
 
-def derive(src: Path, dst: Path, act_bits: int) -> None:
-    """Copy of checkpoint src with another act_bits (same weights)."""
+def derive(src: Path, dst: Path, act_bits: int, symmetric: bool = True) -> None:
+    """Copy of checkpoint src with another act_bits / act_symmetric (same weights)."""
     tmp = dst.with_name(dst.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(src, tmp)
     cfg = json.loads((tmp / "config.json").read_text())
     cfg["quantization_config"]["act_bits"] = act_bits
+    cfg["quantization_config"]["act_symmetric"] = symmetric
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     shutil.rmtree(dst, ignore_errors=True)
     tmp.rename(dst)
@@ -69,15 +76,16 @@ def main() -> None:
     results = []
     for name in args.rows:
         rotation, weights, act_bits, parent = ROWS[name]
+        symmetric = not name.endswith(" asym")
         ckpt, quant = src, {}
         if rotation is not None:
             ckpt = work / slug(name)
             if parent is not None:
-                derive(work / slug(parent), ckpt, act_bits)
+                derive(work / slug(parent), ckpt, act_bits, symmetric)
             elif not (ckpt / "config.json").is_file():
                 quant = quantize_checkpoint(src, ckpt, QuantizeOptions(
-                    rotation=rotation, weights=weights, a_bits=act_bits, calib="brown", seed=args.seed,
-                    calib_tokens=args.calib_tokens, calib_seq_len=args.calib_seq_len, overwrite=True))
+                    rotation=rotation, weights=weights, a_bits=act_bits, act_symmetric=symmetric, calib="brown",
+                    seed=args.seed, calib_tokens=args.calib_tokens, calib_seq_len=args.calib_seq_len, overwrite=True))
         t = time.time()
         res = evaluate(ckpt, "austen", args.seq_len, args.windows)
         results.append((name, res["ppl"], quant.get("seconds"), quant.get("peak_memory_mb"), time.time() - t))

@@ -14,7 +14,8 @@ from vllm_rotquant.format import unpack_int4
 from vllm_rotquant.kernels import reference as ref
 from vllm_rotquant.kernels.layout import kernel_layout_to_int, prepare_weight, weight_in_features
 
-__all__ = ["quant_act", "hadamard_quant", "hadamard", "w4a4_gemm", "rotquant_linear", "prepare_weight"]
+__all__ = ["quant_act", "quant_act_asym", "hadamard_quant", "hadamard_quant_asym", "hadamard", "w4a4_gemm",
+           "weight_sums", "rotquant_linear", "prepare_weight"]
 
 
 def _weight_int(w: torch.Tensor) -> torch.Tensor:
@@ -40,6 +41,22 @@ def _(x, clip, bits):
     return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
 
 
+@torch.library.custom_op("rotquant::quant_act_asym", mutates_args=())
+def quant_act_asym(x: torch.Tensor, clip: float, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token asymmetric quantization of x [M, K] -> (int8 [M, K], float32 scale [M, 1],
+    int32 zero [M, 1]); x ~ scale * (q - zero), see kernels/reference.py."""
+    return ref.quant_act_asym_ref(x, clip, bits)
+
+
+def _asym_fake(x, *args):
+    lead = (*x.shape[:-1], 1)
+    return (x.new_empty(x.shape, dtype=torch.int8), x.new_empty(lead, dtype=torch.float32),
+            x.new_empty(lead, dtype=torch.int32))
+
+
+quant_act_asym.register_fake(_asym_fake)
+
+
 @torch.library.custom_op("rotquant::hadamard_quant", mutates_args=())
 def hadamard_quant(x: torch.Tensor, block: int, clip: float, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Block Hadamard along K, then per-token quantization (fused on CUDA)."""
@@ -49,6 +66,15 @@ def hadamard_quant(x: torch.Tensor, block: int, clip: float, bits: int) -> tuple
 @hadamard_quant.register_fake
 def _(x, block, clip, bits):
     return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
+
+
+@torch.library.custom_op("rotquant::hadamard_quant_asym", mutates_args=())
+def hadamard_quant_asym(x: torch.Tensor, block: int, clip: float, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Block Hadamard along K, then per-token asymmetric quantization (fused on CUDA)."""
+    return ref.hadamard_quant_asym_ref(x, block, clip, bits)
+
+
+hadamard_quant_asym.register_fake(_asym_fake)
 
 
 @torch.library.custom_op("rotquant::hadamard", mutates_args=())
@@ -64,20 +90,32 @@ def _(x, block):
 
 @torch.library.custom_op("rotquant::w4a4_gemm", mutates_args=())
 def w4a4_gemm(qa: torch.Tensor, sa: torch.Tensor, w: torch.Tensor, sw: torch.Tensor,
-              out_dtype: torch.dtype) -> torch.Tensor:
-    """Quantized activations x INT4 weights, exact integer accumulation, scaled epilogue."""
-    return ref.w4a4_gemm_ref(qa, sa, _weight_int(w), sw, out_dtype)
+              out_dtype: torch.dtype, za: torch.Tensor | None = None,
+              wsum: torch.Tensor | None = None) -> torch.Tensor:
+    """Quantized activations x INT4 weights, exact integer accumulation, scaled epilogue.
+    Asymmetric activations pass their zero points `za` (int32 [M, 1]) and, for the CUDA kernel,
+    the weights' per-channel (per-group) integer sums `wsum` from `weight_sums`, made once at load
+    time; the reference recomputes the sums from `w` itself."""
+    return ref.w4a4_gemm_ref(qa, sa, _weight_int(w), sw, out_dtype, za)
 
 
 @w4a4_gemm.register_fake
-def _(qa, sa, w, sw, out_dtype):
+def _(qa, sa, w, sw, out_dtype, za=None, wsum=None):
     return qa.new_empty((qa.shape[0], w.shape[0]), dtype=out_dtype)
 
 
+def weight_sums(w: torch.Tensor, groups: int) -> torch.Tensor:
+    """int32 [N, groups] sums of the integer weights (any layout), the asymmetric GEMM's correction."""
+    return ref.weight_sums_ref(_weight_int(w), groups).contiguous()
+
+
 def rotquant_linear(x: torch.Tensor, w: torch.Tensor, sw: torch.Tensor, bias: torch.Tensor | None,
-                    act_bits: int, clip: float, hadamard_block: int | None) -> torch.Tensor:
+                    act_bits: int, clip: float, hadamard_block: int | None, act_symmetric: bool = True,
+                    wsum: torch.Tensor | None = None) -> torch.Tensor:
     """The whole quantized linear, as vLLM's apply and the offline simulation both run it:
-    [online block Hadamard] -> per-token activation quantization -> INT4 GEMM (+ bias)."""
+    [online block Hadamard] -> per-token activation quantization -> INT4 GEMM (+ bias).
+    Asymmetric activations need the weight sums (`weight_sums(w, sw.shape[1])`); computed here
+    when not given."""
     k = _weight_k(w)
     if x.shape[-1] != k:
         raise ValueError(f"rotquant linear: input has {x.shape[-1]} features, weight expects {k}")
@@ -87,12 +125,20 @@ def rotquant_linear(x: torch.Tensor, w: torch.Tensor, sw: torch.Tensor, bias: to
         if hadamard_block:
             x2 = hadamard(x2, hadamard_block)
         out = x2 @ ref.dequant_weight_ref(_weight_int(w), sw, x2.dtype).T
-    else:
+    elif act_symmetric:
         if hadamard_block:
             qa, sa = hadamard_quant(x2, hadamard_block, clip, act_bits)
         else:
             qa, sa = quant_act(x2, clip, act_bits)
         out = w4a4_gemm(qa, sa, w, sw, x.dtype)
+    else:
+        if hadamard_block:
+            qa, sa, za = hadamard_quant_asym(x2, hadamard_block, clip, act_bits)
+        else:
+            qa, sa, za = quant_act_asym(x2, clip, act_bits)
+        if wsum is None:
+            wsum = weight_sums(w, sw.shape[1])
+        out = w4a4_gemm(qa, sa, w, sw, x.dtype, za, wsum)
     if bias is not None:
         out = out + bias
     return out.reshape(*lead, w.shape[0])

@@ -3,9 +3,16 @@
 - Activations: per-token symmetric quantization, computed in float32:
   scale = clip * max|x| / qmax (qmax = 2^(bits-1) - 1; an all-zero row gets scale 1),
   q = clamp(round_half_even(x / scale), -qmax-1, qmax).
+- Asymmetric activations (`act_symmetric: false`, the DartQuant/QuaRot scripts' choice): with
+  hi = clip*max(max x, 0), lo = clip*min(min x, 0) and L = 2^bits - 1 levels,
+  scale = (hi - lo) / L (1 for an all-zero row), u = round_half_even(-lo / scale),
+  q = clamp(round_half_even(x / scale) + u, 0, L) - 2^(bits-1) and zero = u - 2^(bits-1): both
+  signed, so q holds the same int8 range as the symmetric case and x ~ scale * (q - zero).
 - Online Hadamard: block-diagonal, x.view(..., K/block, block) @ H_block in float32.
 - GEMM: acc = sum_k qa[m,k] * w[n,k] exactly (integer), out = acc * sa[m] * sw[n] in float32,
   rounded once to the output dtype. With groups: out = sa[m] * sum_g acc_g[m,n] * sw[n,g].
+  Asymmetric activations: acc (and each acc_g) first loses zero[m] * sum_k w[n,k] over its K
+  range (an exact integer correction), the epilogue is then unchanged.
 
 Integer products of INT4/INT8 values summed over K stay below 2^24 for the sizes we serve, so a
 float32 matmul computes the integer accumulation exactly (float64 is used past that bound).
@@ -33,6 +40,29 @@ def quant_act_ref(x: torch.Tensor, clip: float, bits: int) -> tuple[torch.Tensor
     return q, scale
 
 
+def levels(bits: int) -> int:
+    return 2 ** bits - 1
+
+
+def quant_act_asym_ref(x: torch.Tensor, clip: float, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [..., K] float -> (q int8 [..., K], scale float32 [..., 1], zero int32 [..., 1])."""
+    xf = x.float()
+    hi = xf.amax(dim=-1, keepdim=True).clamp_min(0) * clip
+    lo = xf.amin(dim=-1, keepdim=True).clamp_max(0) * clip
+    scale = (hi - lo) / levels(bits)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    u = torch.clamp(torch.round(-lo / scale), 0, levels(bits))
+    half = 2 ** (bits - 1)
+    q = (torch.clamp(torch.round(xf / scale) + u, 0, levels(bits)) - half).to(torch.int8)
+    return q, scale, (u - half).to(torch.int32)
+
+
+def weight_sums_ref(w_int: torch.Tensor, groups: int) -> torch.Tensor:
+    """Per output channel (and group) sums of the integer weights: int32 [N, groups]."""
+    n, k = w_int.shape
+    return w_int.to(torch.int32).reshape(n, groups, k // groups).sum(-1, dtype=torch.int32)
+
+
 def hadamard_ref(x: torch.Tensor, block: int) -> torch.Tensor:
     """Block-diagonal normalized Hadamard along the last dim, float32 result."""
     k = x.shape[-1]
@@ -45,6 +75,11 @@ def hadamard_ref(x: torch.Tensor, block: int) -> torch.Tensor:
 def hadamard_quant_ref(x: torch.Tensor, block: int, clip: float, bits: int):
     """Fused online Hadamard + per-token quantization (reference: the two steps in sequence)."""
     return quant_act_ref(hadamard_ref(x, block), clip, bits)
+
+
+def hadamard_quant_asym_ref(x: torch.Tensor, block: int, clip: float, bits: int):
+    """Fused online Hadamard + per-token asymmetric quantization (reference)."""
+    return quant_act_asym_ref(hadamard_ref(x, block), clip, bits)
 
 
 def _exact_matmul_dtype(k: int, a_bound: int, b_bound: int) -> torch.dtype:
@@ -60,19 +95,24 @@ def int_matmul_ref(qa: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def w4a4_gemm_ref(qa: torch.Tensor, sa: torch.Tensor, w_int: torch.Tensor, sw: torch.Tensor,
-                  out_dtype: torch.dtype) -> torch.Tensor:
-    """qa int8 [M, K], sa f32 [M, 1], w_int int8 [N, K] (unpacked), sw [N, G] -> [M, N] out_dtype."""
+                  out_dtype: torch.dtype, za: torch.Tensor | None = None) -> torch.Tensor:
+    """qa int8 [M, K], sa f32 [M, 1], w_int int8 [N, K] (unpacked), sw [N, G] -> [M, N] out_dtype.
+    `za` int32 [M, 1]: the activations' zero points (asymmetric quantization), else None."""
     m, k = qa.shape
     n, groups = sw.shape
     swf = sw.float()
     if groups == 1:
-        acc = int_matmul_ref(qa, w_int).float()
-        out = acc * sa.float() * swf.T
+        acc = int_matmul_ref(qa, w_int)
+        if za is not None:  # exact integers in float64; rounded to float32 once, as the kernel's int32
+            acc = acc.double() - za.double() * weight_sums_ref(w_int, 1).double().T
+        out = acc.float() * sa.float() * swf.T
     else:
         g = k // groups
         bound = int(qa.abs().max()) if qa.numel() else 0
-        dt = _exact_matmul_dtype(g, bound, 8)
+        dt = _exact_matmul_dtype(g, bound if za is None else 256, 8)  # |acc - za*sum w| <= g*8*256
         acc = qa.to(dt).reshape(m, groups, g).transpose(0, 1) @ w_int.to(dt).reshape(n, groups, g).permute(1, 2, 0)
+        if za is not None:  # acc [G, M, N] -= za[m] * sum_g w[n]
+            acc = acc - za.to(dt)[None] * weight_sums_ref(w_int, groups).to(dt).T[:, None, :]
         out = (acc.float() * swf.T[:, None, :]).sum(0) * sa.float()
     return out.to(out_dtype)
 

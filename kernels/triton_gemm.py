@@ -8,7 +8,13 @@ registers); the activations are the shared-memory B operand:
 
     acc^T[BN, BM] += lo[BN, BKP] @ X[:, kp:kp+BKP]^T + hi[BN, BKP] @ X[:, K/2+kp : K/2+kp+BKP]^T
 
-The int32 accumulator is 16x the exact integer product (|acc| <= 16*K*8*128 < 2^31 for K < 131072)
+Asymmetric activations (zero points za[m]) subtract za[m] * sum_k w[n,k] from the exact integer
+sum, with the sums made at load time: per channel, the accumulator starts at -16*za[m]*wsum[n]
+(a correction in the epilogue needs a second [BN, BM] int32 tile and made the whole GEMM 1.6x
+slower at M = 8192 on the H100); per group, each group's sum is corrected before it is scaled.
+
+The int32 accumulator is 16x the exact integer product (|acc| <= 16*K*8*128 < 2^31 for K < 131072;
+with a zero point, |acc| <= 16*K*8*256: K < 65536)
 and is shifted back exactly. Epilogue as the reference: fl(fl(acc*sa[m])*sw[n]) -> out dtype, so
 per-channel outputs are bit-identical to kernels/reference.py; with group-wise scales each
 group's exact integer sum is scaled and summed in fp32 (order differs from the reference: within
@@ -49,13 +55,15 @@ def _unpack(w, USE_ASM: tl.constexpr):
 
 
 @triton.jit
-def _w4a4_kernel(x_ptr, sa_ptr, w_ptr, sw_ptr, out_ptr, ws_ptr,
-                 M, N, KH, stride_xm, stride_om, stride_swn,
+def _w4a4_kernel(x_ptr, sa_ptr, w_ptr, sw_ptr, out_ptr, ws_ptr, za_ptr, wsum_ptr,
+                 M, N, KH, stride_xm, stride_om, stride_swn, stride_wsn,
                  BM: tl.constexpr, BN: tl.constexpr, BKP: tl.constexpr, GROUP: tl.constexpr,
                  SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
-                 MASK_M: tl.constexpr, USE_ASM: tl.constexpr):
+                 MASK_M: tl.constexpr, ZP: tl.constexpr, USE_ASM: tl.constexpr):
     """acc^T[BN, BM] over packed bytes [k_lo, k_hi) of this split; KH = K/2. Rows past M are
-    wrapped (in-bounds loads, discarded at the store) or, with MASK_M (M < BM), zero-filled."""
+    wrapped (in-bounds loads, discarded at the store) or, with MASK_M (M < BM), zero-filled.
+    ZP (asymmetric activations): the exact integer sum of each channel (group) loses
+    za[m] * wsum[n(, g)] before it is scaled."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_m = tl.cdiv(M, BM)
@@ -81,8 +89,14 @@ def _w4a4_kernel(x_ptr, sa_ptr, w_ptr, sw_ptr, out_ptr, ws_ptr,
     wb = w_ptr.to(tl.pointer_type(tl.int8))
     w_ptrs = wb + rn_c[:, None].to(tl.int64) * KH + (k_lo + rk)[None, :]
     x_ptrs = x_ptr + rm_c[None, :].to(tl.int64) * stride_xm + (k_lo + rk)[:, None]
+    if ZP:
+        za = tl.load(za_ptr + rm_c, mask=rm < M, other=0)
     if GROUP == 0:
-        acc = tl.zeros((BN, BM), dtype=tl.int32)
+        if ZP:  # the accumulator starts at -16 * za[m] * wsum[n] (split 0 only): no epilogue temp
+            za0 = za * (pid_k == 0).to(tl.int32)
+            acc = -((tl.load(wsum_ptr + rn_c * stride_wsn)[:, None] * za0[None, :]) << 4)
+        else:
+            acc = tl.zeros((BN, BM), dtype=tl.int32)
     else:
         accf = tl.zeros((BN, BM), dtype=tl.float32)
     # per step two int8 dots: low nibbles <-> k in [kp, kp+BKP), high <-> [K/2+kp, K/2+kp+BKP)
@@ -109,6 +123,11 @@ def _w4a4_kernel(x_ptr, sa_ptr, w_ptr, sw_ptr, out_ptr, ws_ptr,
             zero = tl.zeros((BN, BM), dtype=tl.int32)
             a_lo = tl.dot(lo, xl, zero, out_dtype=tl.int32) >> 4
             a_hi = tl.dot(hi, xh, zero, out_dtype=tl.int32) >> 4
+            if ZP:
+                z_lo = tl.load(wsum_ptr + rn_c * stride_wsn + kk // GROUP)
+                z_hi = tl.load(wsum_ptr + rn_c * stride_wsn + (KH + kk) // GROUP)
+                a_lo -= z_lo[:, None] * za[None, :]
+                a_hi -= z_hi[:, None] * za[None, :]
             s_lo = tl.load(sw_ptr + rn_c * stride_swn + kk // GROUP).to(tl.float32)
             s_hi = tl.load(sw_ptr + rn_c * stride_swn + (KH + kk) // GROUP).to(tl.float32)
             accf += a_lo.to(tl.float32) * s_lo[:, None]
@@ -195,9 +214,11 @@ def pick_config(m: int, n: int, k: int, group: int, device: torch.device) -> dic
 
 
 def w4a4_gemm(qa: torch.Tensor, sa: torch.Tensor, w: torch.Tensor, sw: torch.Tensor,
-              out_dtype: torch.dtype, config: dict | None = None) -> torch.Tensor:
+              out_dtype: torch.dtype, config: dict | None = None, za: torch.Tensor | None = None,
+              wsum: torch.Tensor | None = None) -> torch.Tensor:
     """qa int8 [M, K], sa float32 [M, 1], w kernel layout int32 [N, K/8], sw [N, G] ->
-    [M, N] out_dtype. `config` overrides the tile choice (sweeps)."""
+    [M, N] out_dtype. Asymmetric activations: `za` int32 [M, 1] zero points and `wsum` int32
+    [N, G] weight sums (ops.weight_sums). `config` overrides the tile choice (sweeps)."""
     m, k = qa.shape
     n = w.shape[0]
     if w.dtype != torch.int32 or w.shape[1] * 8 != k:
@@ -211,6 +232,15 @@ def w4a4_gemm(qa: torch.Tensor, sa: torch.Tensor, w: torch.Tensor, sw: torch.Ten
     if qa.stride(-1) != 1:
         qa = qa.contiguous()
     sa = sa.reshape(m).contiguous()
+    if (za is None) != (wsum is None):
+        raise ValueError("w4a4_gemm: asymmetric activations need both za and wsum")
+    if za is not None:
+        if za.dtype != torch.int32 or wsum.dtype != torch.int32 or wsum.shape != (n, groups):
+            raise ValueError(f"w4a4_gemm: za must be int32 [M, 1] and wsum int32 [{n}, {groups}], got "
+                             f"{za.dtype} {tuple(za.shape)} and {wsum.dtype} {tuple(wsum.shape)}")
+        if k >= 65536:
+            raise ValueError(f"w4a4_gemm: K={k} is too large for the int32 accumulator with zero points (< 65536)")
+        za = za.reshape(m).contiguous()
     out = torch.empty((m, n), dtype=out_dtype, device=qa.device)
     if m == 0 or n == 0:
         return out
@@ -227,8 +257,14 @@ def w4a4_gemm(qa: torch.Tensor, sa: torch.Tensor, w: torch.Tensor, sw: torch.Ten
         ws = torch.zeros(m * n + grid_mn, dtype=torch.int32, device=qa.device)
     else:
         ws = out  # unused
+    zp = za is not None
+    if zp and cfg["num_warps"] == 8 and not INTERPRET:
+        # the zero-point loads take the 8-warp tiles from 120 to 141 registers a thread, one CTA
+        # per SM instead of two (1.6x slower at M = 8192); capped at 128 they stay two
+        cfg.setdefault("maxnreg", 128)
     _w4a4_kernel[(grid_mn, split)](
-        qa, sa, w, sw, out, ws, m, n, k // 2, qa.stride(0), out.stride(0), sw.stride(0),
-        GROUP=group, SPLIT_K=split, EVEN_K=even_k, MASK_M=m < cfg["BM"], USE_ASM=not INTERPRET,
+        qa, sa, w, sw, out, ws, za if zp else sa, wsum if zp else sw,
+        m, n, k // 2, qa.stride(0), out.stride(0), sw.stride(0), wsum.stride(0) if zp else 0,
+        GROUP=group, SPLIT_K=split, EVEN_K=even_k, MASK_M=m < cfg["BM"], ZP=zp, USE_ASM=not INTERPRET,
         **cfg)
     return out

@@ -88,9 +88,41 @@ def _quantize(y, amax, clip, QMAX: tl.constexpr, INTERP: tl.constexpr):
 
 
 @triton.jit
-def _quant_act_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, clip,
+def _mul_rn(a, b, INTERP: tl.constexpr):
+    """a*b rounded on its own: a plain product followed by a subtraction would be contracted
+    into an FMA, which the CPU reference does not do."""
+    if INTERP:
+        return a * b
+    else:
+        return libdevice.mul_rn(a, b)
+
+
+@triton.jit
+def _asym_params(vmax, vmin, clip, QMAX: tl.constexpr, INTERP: tl.constexpr):
+    """Asymmetric per-token parameters, bit-exact with reference.quant_act_asym_ref: levels
+    L = 2*QMAX + 1, scale = (clip*max(vmax, 0) - clip*min(vmin, 0)) / L (1 if 0), and the
+    unsigned zero point u = clamp(rint(-lo/scale), 0, L) as float32."""
+    L: tl.constexpr = 2 * QMAX + 1
+    hi = _mul_rn(tl.maximum(vmax, 0.0), clip, INTERP)
+    lo = _mul_rn(tl.minimum(vmin, 0.0), clip, INTERP)
+    scale = tl.math.div_rn(hi - lo, L * 1.0)
+    scale = tl.where(scale > 0, scale, 1.0)
+    u = _rint(tl.math.div_rn(-lo, scale), INTERP)
+    return scale, tl.minimum(tl.maximum(u, 0.0), L * 1.0)
+
+
+@triton.jit
+def _quant_asym(y, scale, u, QMAX: tl.constexpr, INTERP: tl.constexpr):
+    """q = clamp(rint(y/scale) + u, 0, L) - (QMAX + 1) as int8 (signed storage)."""
+    v = _rint(_div_rn_by(y, scale, INTERP), INTERP) + u
+    v = tl.minimum(tl.maximum(v, 0.0), 2.0 * QMAX + 1.0) - (QMAX + 1.0)
+    return v.to(tl.int8)
+
+
+@triton.jit
+def _quant_act_kernel(x_ptr, q_ptr, s_ptr, z_ptr, M, K, stride_xm, stride_qm, clip,
                       QMAX: tl.constexpr, ROWS: tl.constexpr, KP: tl.constexpr,
-                      INTERP: tl.constexpr):
+                      ASYM: tl.constexpr, INTERP: tl.constexpr):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, KP)
     rmask = rows < M
@@ -98,8 +130,13 @@ def _quant_act_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, clip,
     rows64 = rows.to(tl.int64)
     x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
     x = x.to(tl.float32)
-    amax = tl.max(tl.abs(x), axis=1)  # (NaN ignored: a NaN row is garbage either way)
-    q, scale = _quantize(x, amax[:, None], clip, QMAX, INTERP)
+    if ASYM:  # padding is 0, which the range includes anyway
+        scale, u = _asym_params(tl.max(x, axis=1), tl.min(x, axis=1), clip, QMAX, INTERP)
+        q = _quant_asym(x, scale[:, None], u[:, None], QMAX, INTERP)
+        tl.store(z_ptr + rows, (u - (QMAX + 1.0)).to(tl.int32), mask=rmask)
+    else:
+        amax = tl.max(tl.abs(x), axis=1)  # (NaN ignored: a NaN row is garbage either way)
+        q, scale = _quantize(x, amax[:, None], clip, QMAX, INTERP)
     tl.store(q_ptr + rows64[:, None] * stride_qm + cols[None, :], q, mask=mask)
     tl.store(s_ptr + rows, tl.reshape(scale, [ROWS]), mask=rmask)
 
@@ -199,13 +236,13 @@ def _hadamard_rows(x, hb, ha, norm, T: tl.constexpr, AP: tl.constexpr, B: tl.con
 
 
 @triton.jit
-def _hadamard_quant_kernel(x_ptr, q_ptr, s_ptr, f_ptr, hb_ptr, ha_ptr, M,
+def _hadamard_quant_kernel(x_ptr, q_ptr, s_ptr, z_ptr, f_ptr, hb_ptr, ha_ptr, M,
                            stride_xm, stride_qm, stride_fm, clip, norm,
                            R: tl.constexpr, NB: tl.constexpr, NBP: tl.constexpr,
                            A: tl.constexpr, AP: tl.constexpr, B: tl.constexpr,
                            CORE_FIRST: tl.constexpr, QMAX: tl.constexpr,
                            SPLIT_IN: tl.constexpr, OUT_Q: tl.constexpr, OUT_F: tl.constexpr,
-                           INTERP: tl.constexpr):
+                           ASYM: tl.constexpr, INTERP: tl.constexpr):
     """Persistent over groups of R token rows. A block of order P = A*B is indexed
     (i, j) -> i*B + j (i slow: Paley core (x) Sylvester, j fast: Sylvester); the group is a
     zero-padded tile of R*NBP blocks. The next group's load is issued before the current one is
@@ -264,13 +301,22 @@ def _hadamard_quant_kernel(x_ptr, q_ptr, s_ptr, f_ptr, hb_ptr, ha_ptr, M,
         if OUT_F:
             tl.store(f_ptr + optr * stride_fm + off, z3.to(f_ptr.dtype.element_ty), mask=m3)
         if OUT_Q:
-            a = tl.max(tl.max(tl.abs(z3), axis=2), axis=1)  # [T] (padding is 0)
-            amax = tl.max(tl.reshape(a, [R, NBP]), axis=1)  # [R]
-            scale = _scale(amax, clip, QMAX)
-            st = tl.reshape(tl.broadcast_to(scale[:, None], [R, NBP]), [T])[:, None, None]
-            q = _quant(z3, st, QMAX, INTERP)
-            tl.store(q_ptr + optr * stride_qm + off, q, mask=m3)
             srow = grp * R + rr
+            if ASYM:  # per-row max and min over its blocks (padding is 0, inside the range anyway)
+                vmax = tl.max(tl.reshape(tl.max(tl.max(z3, axis=2), axis=1), [R, NBP]), axis=1)  # [R]
+                vmin = tl.min(tl.reshape(tl.min(tl.min(z3, axis=2), axis=1), [R, NBP]), axis=1)
+                scale, u = _asym_params(vmax, vmin, clip, QMAX, INTERP)
+                st = tl.reshape(tl.broadcast_to(scale[:, None], [R, NBP]), [T])[:, None, None]
+                ut = tl.reshape(tl.broadcast_to(u[:, None], [R, NBP]), [T])[:, None, None]
+                q = _quant_asym(z3, st, ut, QMAX, INTERP)
+                tl.store(z_ptr + srow, (u - (QMAX + 1.0)).to(tl.int32), mask=srow < M)
+            else:
+                a = tl.max(tl.max(tl.abs(z3), axis=2), axis=1)  # [T] (padding is 0)
+                amax = tl.max(tl.reshape(a, [R, NBP]), axis=1)  # [R]
+                scale = _scale(amax, clip, QMAX)
+                st = tl.reshape(tl.broadcast_to(scale[:, None], [R, NBP]), [T])[:, None, None]
+                q = _quant(z3, st, QMAX, INTERP)
+            tl.store(q_ptr + optr * stride_qm + off, q, mask=m3)
             tl.store(s_ptr + srow, scale, mask=srow < M)
         x = x_next
 
@@ -404,24 +450,28 @@ def _rows2d(x: torch.Tensor) -> torch.Tensor:
     return x2
 
 
-def quant_act(x: torch.Tensor, clip: float, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token quantization of x [..., K] -> (int8 [..., K], float32 scale [..., 1])."""
+def quant_act(x: torch.Tensor, clip: float, bits: int, asymmetric: bool = False):
+    """Per-token quantization of x [..., K] -> (int8 [..., K], float32 scale [..., 1]), plus
+    int32 zero points [..., 1] when `asymmetric` (reference.quant_act_asym_ref)."""
     qm = _qmax(bits)
     x2 = _rows2d(x)
     m, k = x2.shape
     q = torch.empty((m, k), dtype=torch.int8, device=x.device)
     s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    z = torch.empty((m, 1), dtype=torch.int32, device=x.device) if asymmetric else None
     if m:
         kp = _next_pow2(k)
         rows = max(1, min(16, 4096 // kp))
         warps = 4 if kp * rows <= 4096 else 8
         _quant_act_kernel[(triton.cdiv(m, rows),)](
-            x2, q, s, m, k, x2.stride(0), q.stride(0), float(clip),
-            QMAX=qm, ROWS=rows, KP=kp, INTERP=INTERPRET, num_warps=warps)
-    return q.reshape(x.shape), s.reshape(*x.shape[:-1], 1)
+            x2, q, s, z if asymmetric else s, m, k, x2.stride(0), q.stride(0), float(clip),
+            QMAX=qm, ROWS=rows, KP=kp, ASYM=asymmetric, INTERP=INTERPRET, num_warps=warps)
+    lead = (*x.shape[:-1], 1)
+    out = (q.reshape(x.shape), s.reshape(lead))
+    return out + (z.reshape(lead),) if asymmetric else out
 
 
-def _launch_hadamard(x2, plan, block, clip, qm, q, s, f, num_warps=None, ctas_per_sm=None):
+def _launch_hadamard(x2, plan, block, clip, qm, q, s, f, num_warps=None, ctas_per_sm=None, z=None):
     m = x2.shape[0]
     split_in = x2.dtype == torch.float32
     exact = torch.bfloat16 if split_in else x2.dtype  # the first stage multiplies x itself
@@ -436,12 +486,13 @@ def _launch_hadamard(x2, plan, block, clip, qm, q, s, f, num_warps=None, ctas_pe
     groups = triton.cdiv(m, plan["R"])
     grid = min(groups, num_sms(x2.device, interpreted=4) * ctas_per_sm)
     _hadamard_quant_kernel[(grid,)](
-        x2, q if q is not None else f, s if s is not None else hb, f if f is not None else x2,
+        x2, q if q is not None else f, s if s is not None else hb, z if z is not None else hb,
+        f if f is not None else x2,
         hb, ha, m, x2.stride(0), q.stride(0) if q is not None else 0,
         f.stride(0) if f is not None else 0, float(clip), plan["norm"],
         R=plan["R"], NB=plan["NB"], NBP=plan["NBP"], A=plan["A"], AP=plan["AP"], B=plan["B"],
         CORE_FIRST=plan["CORE_FIRST"], QMAX=qm, SPLIT_IN=split_in, OUT_Q=q is not None, OUT_F=f is not None,
-        INTERP=INTERPRET, num_warps=warps, num_stages=1)
+        ASYM=z is not None, INTERP=INTERPRET, num_warps=warps, num_stages=1)
 
 
 _warned: set = set()
@@ -474,13 +525,14 @@ def hadamard_quant(x: torch.Tensor, block: int, clip: float, bits: int,
                    float_out: torch.Tensor | None = None, num_warps: int | None = None,
                    ctas_per_sm: int | None = None, max_b: int | None = None,
                    rows: int | None = None, order: str | None = None,
-                   a_force: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused block Hadamard + per-token quantization of x [..., K]. `float_out` (float32, same
-    shape, optional) also receives the Hadamard output the quantizer saw (for tests); the other
-    keywords override the tuned plan (sweeps)."""
+                   a_force: int | None = None, asymmetric: bool = False):
+    """Fused block Hadamard + per-token quantization of x [..., K] -> (q, scale[, zero]) as
+    `quant_act`. `float_out` (float32, same shape, optional) also receives the Hadamard output
+    the quantizer saw (for tests); the other keywords override the tuned plan (sweeps)."""
     qm = _qmax(bits)
     x2 = _rows2d(x)
     m, k = x2.shape
+    lead = (*x.shape[:-1], 1)
     plan = hadamard_plan(block, k, max_b or _max_b(block), rows, num_warps, order, a_force)
     if plan is None or x2.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         if k % block or hadamard_factors(block) is None:
@@ -489,14 +541,16 @@ def hadamard_quant(x: torch.Tensor, block: int, clip: float, bits: int,
         y = _hadamard_matmul(x2, block)
         if float_out is not None:
             float_out.view(m, k).copy_(y)
-        q, s = quant_act(y, clip, bits)
-        return q.reshape(x.shape), s.reshape(*x.shape[:-1], 1)
+        out = quant_act(y, clip, bits, asymmetric)
+        return (out[0].reshape(x.shape),) + tuple(t.reshape(lead) for t in out[1:])
     q = torch.empty((m, k), dtype=torch.int8, device=x.device)
     s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    z = torch.empty((m, 1), dtype=torch.int32, device=x.device) if asymmetric else None
     f = float_out.view(m, k) if float_out is not None else None
     if m:
-        _launch_hadamard(x2, plan, block, clip, qm, q, s, f, num_warps, ctas_per_sm)
-    return q.reshape(x.shape), s.reshape(*x.shape[:-1], 1)
+        _launch_hadamard(x2, plan, block, clip, qm, q, s, f, num_warps, ctas_per_sm, z)
+    out = (q.reshape(x.shape), s.reshape(lead))
+    return out + (z.reshape(lead),) if asymmetric else out
 
 
 def hadamard(x: torch.Tensor, block: int) -> torch.Tensor:

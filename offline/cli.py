@@ -40,7 +40,8 @@ def cmd_quantize(args) -> int:
                             ("starts", args.dq_starts)) if v is not None}
     opts = QuantizeOptions(
         rotation=args.rotation, weights=args.weights, w_bits=args.w_bits, a_bits=args.a_bits,
-        group_size=args.group_size, act_clip_ratio=args.act_clip, calib=args.calib,
+        group_size=args.group_size, act_clip_ratio=args.act_clip, act_symmetric=not args.act_asymmetric,
+        calib=args.calib,
         calib_tokens=args.calib_tokens, calib_seq_len=args.calib_seq_len, seed=args.seed,
         device=args.device, tp_sizes=tuple(args.tp_sizes) if args.tp_sizes else None,
         r4_block=args.r4_block, batch_size=args.batch_size, dartquant=dq, overwrite=args.overwrite)
@@ -91,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--a-bits", type=int, choices=[4, 8, 16], default=4)
     q.add_argument("--group-size", type=int, default=None, help="weight group size (default: per channel)")
     q.add_argument("--act-clip", type=float, default=0.9, help="activation clip ratio")
+    q.add_argument("--act-asymmetric", action="store_true",
+                   help="per-token asymmetric activations (scale and zero point; DartQuant's scripts) "
+                        "instead of symmetric")
     q.add_argument("--calib", default="brown", help="calibration text file or corpus name (brown, austen)")
     q.add_argument("--calib-tokens", type=int, default=128 * 2048)
     q.add_argument("--calib-seq-len", type=int, default=2048)

@@ -42,6 +42,7 @@ class QuantizeOptions:
     a_bits: int = 4
     group_size: int | None = None
     act_clip_ratio: float = 0.9
+    act_symmetric: bool = True  # False: per-token asymmetric (zero point), as DartQuant's scripts
     calib: str = "brown"
     calib_tokens: int = 128 * 2048
     calib_seq_len: int = 2048
@@ -99,7 +100,7 @@ def dartquant_rotations(model, windows: torch.Tensor, r4_block: int, opts: Quant
     t0 = time.time()
     scores = [select_rotation.quantized_nll(model, windows[: o["score_windows"]], r1, r2, r4_block, w_bits=opts.w_bits,
                                             group_size=opts.group_size, a_bits=opts.a_bits, clip=opts.act_clip_ratio,
-                                            device=opts.device, batch_size=opts.batch_size)
+                                            act_symmetric=opts.act_symmetric, device=opts.device, batch_size=opts.batch_size)
               for r1, r2 in tqdm(cands, desc="score rotations", unit="start")]
     best = min(range(len(scores)), key=scores.__getitem__)
     seconds = time.time() - t0
@@ -168,7 +169,7 @@ def quantize_checkpoint(model_dir: str | Path, out_dir: str | Path, opts: Quanti
 
     spec = RotQuantSpec(
         weight_bits=opts.w_bits, group_size=opts.group_size, act_bits=opts.a_bits,
-        act_clip_ratio=opts.act_clip_ratio, rotation=opts.rotation, seed=opts.seed,
+        act_clip_ratio=opts.act_clip_ratio, act_symmetric=opts.act_symmetric, rotation=opts.rotation, seed=opts.seed,
         down_proj_block=r4_block, qk_block=qk_block, tp_sizes=tp_sizes,
         calibration={
             "method": opts.weights, "data": opts.calib if opts.weights == "gptq" or opts.rotation == "dartquant" else None,
@@ -182,7 +183,7 @@ def quantize_checkpoint(model_dir: str | Path, out_dir: str | Path, opts: Quanti
     timings["write_s"] = time.time() - t
     summary = {
         "model": str(model_dir), "out": str(out), "rotation": opts.rotation, "weights": opts.weights,
-        "w_bits": opts.w_bits, "a_bits": opts.a_bits, "group_size": opts.group_size,
+        "w_bits": opts.w_bits, "a_bits": opts.a_bits, "act_symmetric": opts.act_symmetric, "group_size": opts.group_size,
         "calib_tokens": spec.calibration["tokens"], "seconds": round(time.time() - t0, 1),
         "peak_memory_mb": round(peak_memory_mb(opts.device), 1), "output_mb": round(size / 2 ** 20, 1),
         **{k: round(v, 1) for k, v in timings.items()},

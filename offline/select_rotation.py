@@ -14,7 +14,7 @@ no such search.
 
 The model is run layer by layer like the calibrator itself (one rotated, quantized layer copy
 on the device at a time). Arithmetic: weights RTN-dequantized in float32, activations
-fake-quantized per token (symmetric, clip, `a_bits`) at every linear's input, the R4 block
+fake-quantized per token (symmetric or asymmetric, clip, `a_bits`) at every linear's input, the R4 block
 Hadamard online before down_proj's quantizer. lm_head stays in full precision, as served."""
 from __future__ import annotations
 
@@ -23,20 +23,25 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from vllm_rotquant.kernels.reference import quant_act_ref
+from vllm_rotquant.kernels.reference import quant_act_asym_ref, quant_act_ref
 from vllm_rotquant.offline import calibrate, quantize, rotate
 
 
-def _fake_quant_hook(clip: float, bits: int):
+def _fake_quant_hook(clip: float, bits: int, symmetric: bool = True):
     def hook(module, args):
-        q, s = quant_act_ref(args[0], clip, bits)
-        return ((q.float() * s).to(args[0].dtype), *args[1:])
+        if symmetric:
+            q, s = quant_act_ref(args[0], clip, bits)
+            x = q.float() * s
+        else:
+            q, s, z = quant_act_asym_ref(args[0], clip, bits)
+            x = (q.float() - z.float()) * s
+        return (x.to(args[0].dtype), *args[1:])
     return hook
 
 
 def _quantized_layer(layer, r1: torch.Tensor, r2: torch.Tensor, r4_block: int | None, config,
                      device: torch.device, w_bits: int | None, group_size: int | None,
-                     a_bits: int, clip: float):
+                     a_bits: int, clip: float, act_symmetric: bool = True):
     """A rotated, quantized copy of `layer` on `device`, with its activation hooks installed."""
     q = copy.deepcopy(layer).to(device)
     rotate.rotate_layer_residual(q, r1)
@@ -49,14 +54,14 @@ def _quantized_layer(layer, r1: torch.Tensor, r2: torch.Tensor, r4_block: int | 
             w, s = quantize.rtn(lin.weight.data, w_bits, group_size)
             lin.weight.data = quantize.dequantize(w, s).to(lin.weight.dtype)
         if a_bits < 16:
-            lin.register_forward_pre_hook(_fake_quant_hook(clip, a_bits))
+            lin.register_forward_pre_hook(_fake_quant_hook(clip, a_bits, act_symmetric))
     return q
 
 
 @torch.no_grad()
 def quantized_nll(model, windows: torch.Tensor, r1: torch.Tensor, r2: list[torch.Tensor],
                   r4_block: int | None, *, w_bits: int | None = 4, group_size: int | None = None,
-                  a_bits: int = 4, clip: float = 0.9, device: str | torch.device = "cpu",
+                  a_bits: int = 4, clip: float = 0.9, act_symmetric: bool = True, device: str | torch.device = "cpu",
                   batch_size: int = 4) -> float:
     """Mean next-token NLL on `windows` [n, T] of `model` (folded, unrotated, fp32, on the CPU;
     left unchanged) rotated by r1 / r2 (+ R4 blocks) with RTN `w_bits` weights (None: full
@@ -68,7 +73,8 @@ def quantized_nll(model, windows: torch.Tensor, r1: torch.Tensor, r2: list[torch
     hidden = inputs.hidden
     inputs.hidden = (hidden.to(device).double() @ r1).float().to(hidden.device)  # embeddings E R1
     for i, layer in enumerate(rotate.layers_of(model)):
-        q = _quantized_layer(layer, r1, r2[i], r4_block, config, device, w_bits, group_size, a_bits, clip)
+        q = _quantized_layer(layer, r1, r2[i], r4_block, config, device, w_bits, group_size, a_bits, clip,
+                             act_symmetric)
         inputs.hidden = calibrate.run_layer(q, inputs)
         del q
     norm = copy.deepcopy(model.model.norm).to(device)

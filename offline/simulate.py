@@ -25,16 +25,19 @@ class SimQuantLinear(nn.Module):
     """A quantized linear as the kernels compute it (int8-unpacked INT4 weights + scales)."""
 
     def __init__(self, w_int: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                 act_bits: int, clip: float, hadamard_block: int | None):
+                 act_bits: int, clip: float, hadamard_block: int | None, act_symmetric: bool = True):
         super().__init__()
         self.register_buffer("w_int", w_int)
         self.register_buffer("scale", scale)
         self.register_buffer("bias", bias)
+        self.register_buffer("w_sum", None if act_symmetric else ops.weight_sums(w_int, scale.shape[1]))
         self.act_bits, self.clip, self.hadamard_block = act_bits, clip, hadamard_block
+        self.act_symmetric = act_symmetric
         self.out_features, self.in_features = w_int.shape
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.rotquant_linear(x, self.w_int, self.scale, self.bias, self.act_bits, self.clip, self.hadamard_block)
+        return ops.rotquant_linear(x, self.w_int, self.scale, self.bias, self.act_bits, self.clip, self.hadamard_block,
+                                   self.act_symmetric, self.w_sum)
 
 
 def _register_r3_attention() -> None:
@@ -121,7 +124,7 @@ def _install_quant_linears(model, spec: RotQuantSpec, tensors: dict[str, torch.T
                     unpack_int4(tensors[f"{prefix}.{PACKED_SUFFIX}"]), tensors[f"{prefix}.{SCALE_SUFFIX}"],
                     None if bias is None else bias.to(dtype),
                     spec.act_bits, spec.act_clip_ratio,
-                    spec.down_proj_block if name == "down_proj" else None)
+                    spec.down_proj_block if name == "down_proj" else None, spec.act_symmetric)
                 setattr(owner, name, lin)
                 names.add(prefix)
     return names

@@ -139,7 +139,8 @@ class _SimLinear(torch.nn.Module):
     def forward(self, x):
         from vllm_rotquant.kernels.ops import rotquant_linear
 
-        return rotquant_linear(x, self.w, self.s, None, self.spec.act_bits, self.spec.act_clip_ratio, self.block)
+        return rotquant_linear(x, self.w, self.s, None, self.spec.act_bits, self.spec.act_clip_ratio, self.block,
+                               self.spec.act_symmetric)
 
 
 def load_reference_model(ckpt: str | Path, dtype: torch.dtype = torch.bfloat16):

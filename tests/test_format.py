@@ -37,8 +37,8 @@ def _spec_dict(**over):
 
 
 def test_spec_round_trip():
-    spec = RotQuantSpec(group_size=32, act_bits=8, down_proj_block=192, qk_block=64, tp_sizes=(1, 2, 4),
-                        calibration={"method": "gptq"})
+    spec = RotQuantSpec(group_size=32, act_bits=8, act_symmetric=False, down_proj_block=192, qk_block=64,
+                        tp_sizes=(1, 2, 4), calibration={"method": "gptq"})
     assert RotQuantSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
 
 
@@ -51,7 +51,7 @@ def test_spec_round_trip():
     ({"rotation": "spin"}, "rotation: unknown 'spin'"),
     ({"group_size": 3}, "group_size"),
     ({"online_hadamard": {"down_proj": {"block": 172}}}, "no Hadamard matrix of order 172"),
-    ({"act_symmetric": False}, "act_symmetric"),
+    ({"act_symmetric": "no"}, "act_symmetric: expected bool"),
 ])
 def test_spec_errors_name_the_field(over, match):
     with pytest.raises(CheckpointError, match=match):

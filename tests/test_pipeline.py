@@ -161,6 +161,31 @@ def test_cli_quantize_and_eval(src, tmp_path, calib_file, capsys):
     assert cli.main(["eval", str(tmp_path / "missing"), "--data", calib_file]) == 2
 
 
+def test_asymmetric_activations_end_to_end(src, tmp_path, calib_file, capsys):
+    """`--act-asymmetric` writes act_symmetric: false, and the simulation quantizes every linear's
+    input with a zero point: a layer's output is the asymmetric reference composition, and the
+    logits differ from the symmetric checkpoint made from the same weights."""
+    out = tmp_path / "asym"
+    assert cli.main(["quantize", str(src), str(out), "--weights", "rtn", "--act-asymmetric", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["act_symmetric"] is False
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["quantization_config"]["act_symmetric"] is False
+    sym = tmp_path / "sym"
+    _quantize(src, sym, weights="rtn")
+    assert load_file(sym / "model.safetensors").keys() == load_file(out / "model.safetensors").keys()
+    sim = load_simulated(out, torch.float32)
+    lin = sim.model.layers[0].mlp.down_proj
+    assert lin.act_symmetric is False and lin.w_sum is not None
+    x = torch.randn(5, lin.in_features) + 0.5
+    from vllm_rotquant.kernels import ops
+    q, s, z = ops.hadamard_quant_asym(x, lin.hadamard_block, 0.9, 4)
+    want = ((q.float() - z.float()) * s) @ dequantize(lin.w_int, lin.scale).float().T
+    assert torch.allclose(lin(x), want, rtol=1e-4, atol=1e-4)
+    ids = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(3))
+    a, b = _logits(sim, ids), _logits(load_simulated(sym, torch.float32), ids)
+    assert torch.isfinite(a).all() and not torch.allclose(a, b)
+
+
 def test_layer_runner_store_choice_and_outputs(src):
     """Hidden states stay on the host without an accelerator; a bad store name is named; the
     preallocated layer outputs equal the layer's own forward."""

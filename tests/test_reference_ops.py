@@ -113,3 +113,121 @@ def test_ops_compile_fullgraph():
     x = torch.randn(5, 64)
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     assert torch.equal(compiled(x), f(x))
+
+
+# ----------------------------------------------------------------------------- asymmetric activations
+def _asym64(x: torch.Tensor, clip: float, bits: int):
+    """float64 ground truth of the asymmetric quantizer: (scale, unsigned zero point)."""
+    xd = x.double()
+    hi = xd.amax(-1, keepdim=True).clamp_min(0) * clip
+    lo = xd.amin(-1, keepdim=True).clamp_max(0) * clip
+    levels = 2 ** bits - 1
+    scale = torch.where(hi > lo, (hi - lo) / levels, torch.ones_like(hi))
+    return scale, torch.round(-lo / scale)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_quant_act_asym_matches_float64(bits, m, k, n):
+    gen = torch.Generator().manual_seed(m * k + 1)
+    x = _acts(m, k, gen) + 0.7  # skewed: the range is not symmetric about 0
+    if m > 3:
+        x[1] = 0.0  # all zero
+        x[2] = x[2].abs() + 0.5  # all positive: zero point at the bottom of the range
+        x[3] = -x[3].abs()  # all negative: zero point at the top
+    x = x.to(torch.bfloat16)
+    q, s, z = ops.quant_act_asym(x, 0.9, bits)
+    half, levels = 2 ** (bits - 1), 2 ** bits - 1
+    assert q.dtype == torch.int8 and s.dtype == torch.float32 and z.dtype == torch.int32
+    assert s.shape == z.shape == (m, 1) and q.min() >= -half and q.max() <= half - 1
+    s64, u64 = _asym64(x, 0.9, bits)
+    assert torch.allclose(s.double(), s64, rtol=1e-6)
+    assert ((z.double() + half) - u64).abs().max() <= 1
+    q64 = torch.clamp(torch.round(x.double() / s.double()) + (z.double() + half), 0, levels) - half
+    assert (q.double() - q64).abs().max() <= 1 and (q.double() != q64).float().mean() < 1e-3
+    deq = (q.double() - z.double()) * s.double()
+    u = z.double() + half
+    inside = (x.double() >= -u * s.double()) & (x.double() <= (levels - u) * s.double())  # not clipped
+    err = (deq - x.double()).abs() / s.double()
+    assert (err[inside] <= 0.5 * (1 + 1e-4)).all()  # (1e-4: fp32 x/scale at rounding ties)
+    if m > 3:
+        assert (z[2] == -half).all() and (z[3] == half - 1).all()
+        assert (q[1] == z[1]).all() and s[1].item() == 1.0  # the all-zero row dequantizes to 0
+
+
+def test_asymmetric_quantization_halves_the_error_on_one_sided_rows():
+    """What the zero point is for: a one-sided (post-activation-like) row uses all 16 levels."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 512, generator=gen).abs()
+    q, s = ops.quant_act(x, 1.0, 4)
+    qa, sa, za = ops.quant_act_asym(x, 1.0, 4)
+    err_sym = ((q.float() * s - x) ** 2).mean()
+    err_asym = (((qa.float() - za.float()) * sa - x) ** 2).mean()
+    assert err_asym < 0.35 * err_sym, (err_asym.item(), err_sym.item())
+
+
+@pytest.mark.parametrize("groups", [None, 32])
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_w4a4_gemm_asym_is_exact(groups, bits, m, k, n):
+    """(qa - za) * sa against the dequantized weights, in exact integer arithmetic."""
+    gen = torch.Generator().manual_seed(k + n + bits)
+    qa, sa, za = ops.quant_act_asym(_acts(m, k, gen) + 0.5, 0.9, bits)
+    w = torch.randint(-8, 8, (n, k), generator=gen, dtype=torch.int8)
+    g = 1 if groups is None else k // groups
+    sw = (torch.rand(n, g, generator=gen) + 0.1).to(torch.float16)
+    wsum = ops.weight_sums(w, g)
+    assert wsum.dtype == torch.int32 and torch.equal(wsum.long(), w.long().reshape(n, g, -1).sum(-1))
+    out = ops.w4a4_gemm(qa, sa, pack_int4(w), sw, torch.float32, za, wsum)
+    xa = qa.long() - za.long()  # the integers the activations stand for
+    acc = (xa.reshape(m, g, -1)[:, None] * w.long().reshape(n, g, -1)[None]).sum(-1)  # exact [m, n, g]
+    want = (acc.double() * sw.double()[None]).sum(-1) * sa.double()
+    # fp32 epilogue (a sum over groups): relative to the output's scale
+    assert (out.double() - want).abs().max() <= 1e-6 * want.abs().max() * (g + 1)
+    assert torch.equal(ops.w4a4_gemm(qa, sa, w, sw, torch.float32, za), out)  # sums recomputed: same
+    sym = ops.w4a4_gemm(qa, sa, w, sw, torch.float32)
+    assert not torch.allclose(sym, out)  # the zero point is really applied
+
+
+@pytest.mark.parametrize("block", [16, 12, 192])
+def test_hadamard_quant_asym_is_hadamard_then_quant(block):
+    x = torch.randn(5, block * 3) + 0.3
+    y = (x.double().reshape(5, 3, block) @ hadamard_matrix(block)).reshape(5, -1)
+    q, s, z = ops.hadamard_quant_asym(x, block, 0.9, 4)
+    s64, u64 = _asym64(y, 0.9, 4)
+    assert torch.allclose(s.double(), s64, rtol=1e-5)
+    q64 = torch.clamp(torch.round(y / s.double()) + z.double() + 8, 0, 15) - 8
+    assert (q.double() - q64).abs().max() <= 1
+
+
+@pytest.mark.parametrize("act_bits", [4, 8])
+def test_rotquant_linear_asymmetric_composition(act_bits):
+    gen = torch.Generator().manual_seed(act_bits + 10)
+    x = torch.randn(2, 3, 64, generator=gen) + 0.5
+    w = torch.randint(-8, 8, (24, 64), generator=gen, dtype=torch.int8)
+    sw = torch.rand(24, 2, generator=gen).to(torch.float16) / 10  # two groups of 32
+    out = ops.rotquant_linear(x, pack_int4(w), sw, None, act_bits, 0.9, 16, act_symmetric=False)
+    xr = ops.hadamard(x.reshape(-1, 64), 16)
+    q, s, z = ops.quant_act_asym(xr, 0.9, act_bits)
+    want = ((q.float() - z.float()) * s) @ dequant_weight_ref(w, sw, torch.float32).T
+    assert torch.allclose(out.reshape(-1, 24), want, rtol=1e-4, atol=1e-4)
+    with_sums = ops.rotquant_linear(x, w, sw, None, act_bits, 0.9, 16, False, ops.weight_sums(w, 2))
+    assert torch.equal(with_sums, out)
+    # and closer to the float product than the symmetric quantizer on these shifted inputs
+    exact = xr @ dequant_weight_ref(w, sw, torch.float32).T
+    sym = ops.rotquant_linear(x, w, sw, None, 4, 0.9, 16).reshape(-1, 24)
+    if act_bits == 4:
+        assert (out.reshape(-1, 24) - exact).norm() < (sym - exact).norm()
+
+
+def test_asymmetric_ops_compile_fullgraph():
+    w = torch.randint(-8, 8, (16, 64), dtype=torch.int8)
+    sw = torch.rand(16, 1).to(torch.float16)
+    wsum = ops.weight_sums(w, 1)
+
+    def f(x):
+        return ops.rotquant_linear(x, w, sw, None, 4, 0.9, 32, False, wsum)
+
+    x = torch.randn(5, 64)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(x), f(x))

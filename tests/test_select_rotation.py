@@ -34,6 +34,9 @@ def test_quantized_nll_is_the_fp_loss_without_quantization_and_grows_with_it(src
     w4 = select_rotation.quantized_nll(model, windows, r1, r2, 64, w_bits=4, a_bits=16)
     w4a4 = select_rotation.quantized_nll(model, windows, r1, r2, 64, w_bits=4, a_bits=4)
     assert fp < w4 < w4a4
+    # scored with the activations as they will be served: asymmetric ones are a different (finite) loss
+    w4a4_asym = select_rotation.quantized_nll(model, windows, r1, r2, 64, w_bits=4, a_bits=4, act_symmetric=False)
+    assert w4 < w4a4_asym and w4a4_asym != w4a4
     # the model itself is left untouched
     assert _fp_nll(model, windows) == folded
 

@@ -156,14 +156,15 @@ def _tiny_tensors(ckpt):
     return load_file(str(ckpt / "model.safetensors"))
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_linear_method_on_vllm_layers_matches_reference(vllm_env, tiny, dtype):
+def test_linear_method_on_vllm_layers_matches_reference(vllm_env, tiny, dtype, symmetric):
     from vllm.model_executor.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 
     from vllm_rotquant.format import unpack_int4
     from vllm_rotquant.linear_method import RotQuantLinearMethod
 
-    qc = _config()
+    qc = _config(act_symmetric=symmetric)
     qc.packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
     t = _tiny_tensors(tiny)
     p = "model.layers.0"
@@ -186,13 +187,17 @@ def test_linear_method_on_vllm_layers_matches_reference(vllm_env, tiny, dtype):
     def ref(x, names, block=None):
         w = torch.cat([unpack_int4(t[f"{n}.weight_packed"]) for n in names])
         s = torch.cat([t[f"{n}.weight_scale"].float() for n in names])
-        return rotquant_linear(x, w, s, None, 4, 0.9, block)
+        return rotquant_linear(x, w, s, None, 4, 0.9, block, symmetric)
 
     assert torch.equal(qkv(x)[0], ref(x, [f"{p}.self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj")]))
     assert torch.equal(gu(x)[0], ref(x, [f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"]))
     assert torch.equal(down(h)[0], ref(h, [f"{p}.mlp.down_proj"], 128))
     # runtime weight on CPU: int8 unpacked once at load time
     assert qkv.weight_q.dtype == torch.int8 and qkv.weight_q.shape == (256, 128)
+    # asymmetric activations: the weight sums of the zero-point correction are made once here
+    assert (qkv.weight_sum is None) == symmetric
+    if not symmetric:
+        assert torch.equal(qkv.weight_sum, qkv.weight_q.int().sum(1, keepdim=True))
 
 
 def test_loader_names_bad_and_missing_tensors(vllm_env, tiny):

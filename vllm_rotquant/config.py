@@ -112,8 +112,9 @@ class RotQuantConfig(QuantizationConfig):
             cfg = json.loads((model_dir / "config.json").read_text())
         validate_tensors(self.spec, cfg, read_safetensors_headers(model_dir), source=str(model_dir))
         sp = self.spec
-        log.info("rotquant: checkpoint %s validated (W%dA%d, rotation %s, group %s, R4 block %s, R3 block %s)",
-                 model_name, sp.weight_bits, sp.act_bits, sp.rotation, sp.group_size, sp.down_proj_block, sp.qk_block)
+        log.info("rotquant: checkpoint %s validated (W%dA%d %s, rotation %s, group %s, R4 block %s, R3 block %s)",
+                 model_name, sp.weight_bits, sp.act_bits, "symmetric" if sp.act_symmetric else "asymmetric",
+                 sp.rotation, sp.group_size, sp.down_proj_block, sp.qk_block)
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
         from vllm_rotquant.linear_method import QUANTIZED_LAYER_NAMES, RotQuantLinearMethod

@@ -119,7 +119,7 @@ class RotQuantSpec:
             weight_bits=weight_bits,
             group_size=group_size,
             act_bits=act_bits,
-            act_symmetric=_symmetric(field("act_symmetric", bool, required=False, default=True), source),
+            act_symmetric=field("act_symmetric", bool, required=False, default=True),
             act_clip_ratio=clip,
             rotation=rotation,
             seed=int(field("seed", int, required=False, default=0)),
@@ -151,12 +151,6 @@ class RotQuantSpec:
             for name, width in (("hidden_size", config["hidden_size"]), ("intermediate_size", inter)):
                 if width % self.group_size:
                     raise CheckpointError(f"{source}: group_size {self.group_size} does not divide {name} {width}")
-
-
-def _symmetric(value: bool, source: str) -> bool:
-    if not value:
-        raise CheckpointError(f"{source}.act_symmetric: asymmetric activations are not supported yet (use true)")
-    return value
 
 
 def _block(entry: Any, source: str) -> int | None:

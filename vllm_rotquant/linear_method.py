@@ -12,9 +12,9 @@ simulation runs: [R4 block Hadamard on the down_proj input] -> per-token activat
 quantization -> INT4 x INT4 GEMM with exact integer accumulation -> x act_scale[m] * w_scale[n].
 
 Tensor parallelism and activation scales: a row-parallel layer (o_proj, down_proj) sees only
-in/tp columns of each token on a rank. Quantizing them with a per-rank max would change the
-numerics with the TP size, so at tp > 1 the per-token max is all-gathered over the TP group
-(M floats per layer) and every rank quantizes with the scale TP 1 would use. The R4 block must
+in/tp columns of each token on a rank. Quantizing them with a per-rank range would change the
+numerics with the TP size, so at tp > 1 the per-token max and min are all-gathered over the TP
+group (2M floats per layer) and every rank quantizes with the scale TP 1 would use. The R4 block must
 then divide in/tp so that the online Hadamard stays rank-local.
 """
 from __future__ import annotations
@@ -143,6 +143,9 @@ class RotQuantLinearMethod(LinearMethodBase):
         del layer.weight_packed, layer.weight_scale
         layer.weight_q = Parameter(w, requires_grad=False)
         layer.weight_scale = Parameter(s, requires_grad=False)
+        # asymmetric activations: the GEMM subtracts zero[m] * (sum of this rank's weights per channel)
+        layer.weight_sum = (Parameter(kops.weight_sums(w, s.shape[1]), requires_grad=False)
+                            if not self.spec.act_symmetric and self.spec.act_bits < 16 else None)
         del layer._rotquant_loaded
 
     # ------------------------------------------------------------------ forward
@@ -151,14 +154,16 @@ class RotQuantLinearMethod(LinearMethodBase):
         if self.global_act_scale:
             return self._apply_tp_row(layer, x, bias)
         return kops.rotquant_linear(x, layer.weight_q, layer.weight_scale, bias, spec.act_bits,
-                                    spec.act_clip_ratio, self.hadamard_block)
+                                    spec.act_clip_ratio, self.hadamard_block, spec.act_symmetric,
+                                    layer.weight_sum)
 
     def _apply_tp_row(self, layer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """Row-parallel at tp > 1: quantize the local columns with the per-token scale of the full row.
+        """Row-parallel at tp > 1: quantize the local columns with the per-token scale (and zero
+        point) of the full row.
 
-        The ops' `quant_act` derives the scale from the row's max, so the all-gathered global max
-        rides along as one extra column, which sets the scale and is then dropped: the arithmetic
-        stays the kernels' own (an op taking the scale directly would save the copy)."""
+        The ops' quantizers derive the scale from the row's max and min, so the all-gathered global
+        max and min ride along as two extra columns, which set the scale and are then dropped: the
+        arithmetic stays the kernels' own (an op taking the scale directly would save the copy)."""
         from vllm.distributed import tensor_model_parallel_all_gather
 
         spec = self.spec
@@ -167,10 +172,17 @@ class RotQuantLinearMethod(LinearMethodBase):
         xf = x.reshape(-1, k).float()  # what the ops' reference quantizes from (x.float())
         if self.hadamard_block:
             xf = torch.ops.rotquant.hadamard(xf, self.hadamard_block)  # float32 in, float32 out
-        amax = xf.abs().amax(dim=-1, keepdim=True)
-        amax = tensor_model_parallel_all_gather(amax, dim=-1).amax(dim=-1, keepdim=True)
-        qa, sa = torch.ops.rotquant.quant_act(torch.cat([xf, amax], dim=-1), spec.act_clip_ratio, spec.act_bits)
-        out = torch.ops.rotquant.w4a4_gemm(qa[:, :k].contiguous(), sa, layer.weight_q, layer.weight_scale, x.dtype)
+        local = torch.cat([xf.amax(dim=-1, keepdim=True), xf.amin(dim=-1, keepdim=True)], dim=-1)
+        both = tensor_model_parallel_all_gather(local, dim=-1)  # [M, 2*tp]: (max, min) per rank
+        extremes = torch.cat([both[:, 0::2].amax(dim=-1, keepdim=True), both[:, 1::2].amin(dim=-1, keepdim=True)], dim=-1)
+        xg = torch.cat([xf, extremes], dim=-1)
+        if spec.act_symmetric:
+            qa, sa = torch.ops.rotquant.quant_act(xg, spec.act_clip_ratio, spec.act_bits)
+            za = None
+        else:
+            qa, sa, za = torch.ops.rotquant.quant_act_asym(xg, spec.act_clip_ratio, spec.act_bits)
+        out = torch.ops.rotquant.w4a4_gemm(qa[:, :k].contiguous(), sa, layer.weight_q, layer.weight_scale, x.dtype,
+                                           za, layer.weight_sum)
         if bias is not None:
             out = out + bias
         return out.reshape(*lead, out.shape[-1])
