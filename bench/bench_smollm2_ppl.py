@@ -40,6 +40,10 @@ ROWS = {
     "W4A4 dartquant+GPTQ asym": ("dartquant", "gptq", 4, "W4A4 dartquant+GPTQ"),
     # quantized afresh: with RTN, DartQuant's starts are scored with the activations as served
     "W4A4 dartquant+RTN asym": ("dartquant", "rtn", 4, None),
+    "W4A8 hadamard+RTN asym": ("hadamard", "rtn", 8, "W4A4 hadamard+RTN"),
+    "W4A8 dartquant+RTN asym": ("dartquant", "rtn", 8, "W4A4 dartquant+RTN asym"),
+    "W4A8 hadamard+GPTQ asym": ("hadamard", "gptq", 8, "W4A4 hadamard+GPTQ"),
+    "W4A8 dartquant+GPTQ asym": ("dartquant", "gptq", 8, "W4A4 dartquant+GPTQ"),
 }
 
 
