@@ -93,10 +93,9 @@ def w4a4_gemm(qa: torch.Tensor, sa: torch.Tensor, w: torch.Tensor, sw: torch.Ten
               out_dtype: torch.dtype, za: torch.Tensor | None = None,
               wsum: torch.Tensor | None = None) -> torch.Tensor:
     """Quantized activations x INT4 weights, exact integer accumulation, scaled epilogue.
-    Asymmetric activations pass their zero points `za` (int32 [M, 1]) and, for the CUDA kernel,
-    the weights' per-channel (per-group) integer sums `wsum` from `weight_sums`, made once at load
-    time; the reference recomputes the sums from `w` itself."""
-    return ref.w4a4_gemm_ref(qa, sa, _weight_int(w), sw, out_dtype, za)
+    Asymmetric activations pass their zero points `za` (int32 [M, 1]) and the weights'
+    per-channel (per-group) integer sums `wsum` from `weight_sums`, made once at load time."""
+    return ref.w4a4_gemm_ref(qa, sa, _weight_int(w), sw, out_dtype, za, wsum)
 
 
 @w4a4_gemm.register_fake
@@ -107,6 +106,17 @@ def _(qa, sa, w, sw, out_dtype, za=None, wsum=None):
 def weight_sums(w: torch.Tensor, groups: int) -> torch.Tensor:
     """int32 [N, groups] sums of the integer weights (any layout), the asymmetric GEMM's correction."""
     return ref.weight_sums_ref(_weight_int(w), groups).contiguous()
+
+
+def quantize_activations(x: torch.Tensor, act_bits: int, clip: float, hadamard_block: int | None,
+                         act_symmetric: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """[online block Hadamard] + per-token quantization of x [M, K] -> (q, scale, zero or None)."""
+    if act_symmetric:
+        qa, sa = hadamard_quant(x, hadamard_block, clip, act_bits) if hadamard_block else quant_act(x, clip, act_bits)
+        return qa, sa, None
+    if hadamard_block:
+        return hadamard_quant_asym(x, hadamard_block, clip, act_bits)
+    return quant_act_asym(x, clip, act_bits)
 
 
 def rotquant_linear(x: torch.Tensor, w: torch.Tensor, sw: torch.Tensor, bias: torch.Tensor | None,
@@ -125,18 +135,9 @@ def rotquant_linear(x: torch.Tensor, w: torch.Tensor, sw: torch.Tensor, bias: to
         if hadamard_block:
             x2 = hadamard(x2, hadamard_block)
         out = x2 @ ref.dequant_weight_ref(_weight_int(w), sw, x2.dtype).T
-    elif act_symmetric:
-        if hadamard_block:
-            qa, sa = hadamard_quant(x2, hadamard_block, clip, act_bits)
-        else:
-            qa, sa = quant_act(x2, clip, act_bits)
-        out = w4a4_gemm(qa, sa, w, sw, x.dtype)
     else:
-        if hadamard_block:
-            qa, sa, za = hadamard_quant_asym(x2, hadamard_block, clip, act_bits)
-        else:
-            qa, sa, za = quant_act_asym(x2, clip, act_bits)
-        if wsum is None:
+        qa, sa, za = quantize_activations(x2, act_bits, clip, hadamard_block, act_symmetric)
+        if za is not None and wsum is None:
             wsum = weight_sums(w, sw.shape[1])
         out = w4a4_gemm(qa, sa, w, sw, x.dtype, za, wsum)
     if bias is not None:

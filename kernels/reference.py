@@ -95,16 +95,20 @@ def int_matmul_ref(qa: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def w4a4_gemm_ref(qa: torch.Tensor, sa: torch.Tensor, w_int: torch.Tensor, sw: torch.Tensor,
-                  out_dtype: torch.dtype, za: torch.Tensor | None = None) -> torch.Tensor:
+                  out_dtype: torch.dtype, za: torch.Tensor | None = None,
+                  wsum: torch.Tensor | None = None) -> torch.Tensor:
     """qa int8 [M, K], sa f32 [M, 1], w_int int8 [N, K] (unpacked), sw [N, G] -> [M, N] out_dtype.
-    `za` int32 [M, 1]: the activations' zero points (asymmetric quantization), else None."""
+    `za` int32 [M, 1]: the activations' zero points (asymmetric quantization), else None;
+    `wsum`: `weight_sums_ref(w_int, G)` when the caller keeps it (summed here otherwise)."""
     m, k = qa.shape
     n, groups = sw.shape
+    if za is not None and wsum is None:
+        wsum = weight_sums_ref(w_int, groups)
     swf = sw.float()
     if groups == 1:
         acc = int_matmul_ref(qa, w_int)
         if za is not None:  # exact integers in float64; rounded to float32 once, as the kernel's int32
-            acc = acc.double() - za.double() * weight_sums_ref(w_int, 1).double().T
+            acc = acc.double() - za.double() * wsum.double().T
         out = acc.float() * sa.float() * swf.T
     else:
         g = k // groups
@@ -112,7 +116,7 @@ def w4a4_gemm_ref(qa: torch.Tensor, sa: torch.Tensor, w_int: torch.Tensor, sw: t
         dt = _exact_matmul_dtype(g, bound if za is None else 256, 8)  # |acc - za*sum w| <= g*8*256
         acc = qa.to(dt).reshape(m, groups, g).transpose(0, 1) @ w_int.to(dt).reshape(n, groups, g).permute(1, 2, 0)
         if za is not None:  # acc [G, M, N] -= za[m] * sum_g w[n]
-            acc = acc - za.to(dt)[None] * weight_sums_ref(w_int, groups).to(dt).T[:, None, :]
+            acc = acc - za.to(dt)[None] * wsum.to(dt).T[:, None, :]
         out = (acc.float() * swf.T[:, None, :]).sum(0) * sa.float()
     return out.to(out_dtype)
 

@@ -81,5 +81,5 @@ def _w4a4_gemm_cuda(qa: torch.Tensor, sa: torch.Tensor, w: torch.Tensor, sw: tor
         if k % groups or (k // 2) % g or g < 32 or g > 512 or g & (g - 1):
             _warn_once(("group", g, k), "rotquant: group size %d with K=%d has no Triton path; "
                        "using the torch reference", g, k)
-            return ref.w4a4_gemm_ref(qa, sa, ops._weight_int(w), sw, out_dtype, za)
+            return ref.w4a4_gemm_ref(qa, sa, ops._weight_int(w), sw, out_dtype, za, wsum)
     return triton_gemm.w4a4_gemm(qa, sa, w, sw, out_dtype, za=za, wsum=wsum)

@@ -70,6 +70,15 @@ def prompt_logprobs(srv: VllmServer, ids: list[int]) -> list[float]:
     return [float(x) for x in lps[1:len(ids)]]
 
 
+def tp2_logprobs(ckpt, ids: list[int], log_path) -> tuple[list[float], str]:
+    """Prompt logprobs from a TP 2, float32 server on `ckpt` (one core per rank), and its log."""
+    srv = VllmServer(ckpt, "--tensor-parallel-size", "2", dtype="float32", log_path=log_path,
+                     env={"VLLM_CPU_OMP_THREADS_BIND": "0|1", "VLLM_CPU_CI_ENV": "0"})
+    with srv:
+        lps = prompt_logprobs(srv, ids)
+    return lps, srv.log_text()
+
+
 @pytest.fixture(scope="module")
 def tp1_logprobs(tp1, token_ids):
     return prompt_logprobs(tp1, token_ids)
@@ -105,12 +114,8 @@ def test_tensor_parallel_2_gives_tp1_logprobs(tiny, token_ids, tp1_logprobs, tmp
     """Column/row sharding of packed weights and scales, the rank-local R4 Hadamard and the
     all-gathered activation scale of row-parallel layers make TP 2 compute what TP 1 does; only
     the order of the float32 all-reduce differs."""
-    srv = VllmServer(tiny, "--tensor-parallel-size", "2", dtype="float32",
-                     log_path=tmp_path_factory.mktemp("logs") / "tp2.log",
-                     env={"VLLM_CPU_OMP_THREADS_BIND": "0|1", "VLLM_CPU_CI_ENV": "0"})
-    with srv:
-        lps = prompt_logprobs(srv, token_ids)
-    assert "tensor_parallel_size=2" in srv.log_text()
+    lps, log = tp2_logprobs(tiny, token_ids, tmp_path_factory.mktemp("logs") / "tp2.log")
+    assert "tensor_parallel_size=2" in log
     diffs = sorted(abs(a - b) for a, b in zip(lps, tp1_logprobs))
     print("TP2 vs TP1 |dlogprob|: median %.2e mean %.2e max %.2e" % (diffs[len(diffs) // 2], sum(diffs) / len(diffs), diffs[-1]))
     # fp32 partial sums all-reduced across ranks round differently from TP 1's single sum, so an
@@ -141,12 +146,8 @@ def test_asymmetric_activations_at_tp2_serve_reference_numerics(token_ids, tmp_p
     (sym / "config.json").write_text(json.dumps(cfg))
     ref = reference_logprobs(ckpt, token_ids, dtype=torch.float32)
     ref_sym = reference_logprobs(sym, token_ids, dtype=torch.float32)
-    srv = VllmServer(ckpt, "--tensor-parallel-size", "2", dtype="float32",
-                     log_path=tmp_path_factory.mktemp("logs") / "asym_tp2.log",
-                     env={"VLLM_CPU_OMP_THREADS_BIND": "0|1", "VLLM_CPU_CI_ENV": "0"})
-    with srv:
-        lps = prompt_logprobs(srv, token_ids)
-    assert "asymmetric" in srv.log_text()
+    lps, log = tp2_logprobs(ckpt, token_ids, tmp_path_factory.mktemp("logs") / "asym_tp2.log")
+    assert "asymmetric" in log
     diffs = sorted(abs(a - b) for a, b in zip(lps, ref))
     diffs_sym = sorted(abs(a - b) for a, b in zip(lps, ref_sym))
     median, mean = diffs[len(diffs) // 2], sum(diffs) / len(diffs)

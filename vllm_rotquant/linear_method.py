@@ -175,12 +175,8 @@ class RotQuantLinearMethod(LinearMethodBase):
         local = torch.cat([xf.amax(dim=-1, keepdim=True), xf.amin(dim=-1, keepdim=True)], dim=-1)
         both = tensor_model_parallel_all_gather(local, dim=-1)  # [M, 2*tp]: (max, min) per rank
         extremes = torch.cat([both[:, 0::2].amax(dim=-1, keepdim=True), both[:, 1::2].amin(dim=-1, keepdim=True)], dim=-1)
-        xg = torch.cat([xf, extremes], dim=-1)
-        if spec.act_symmetric:
-            qa, sa = torch.ops.rotquant.quant_act(xg, spec.act_clip_ratio, spec.act_bits)
-            za = None
-        else:
-            qa, sa, za = torch.ops.rotquant.quant_act_asym(xg, spec.act_clip_ratio, spec.act_bits)
+        qa, sa, za = kops.quantize_activations(torch.cat([xf, extremes], dim=-1), spec.act_bits, spec.act_clip_ratio,
+                                               None, spec.act_symmetric)
         out = torch.ops.rotquant.w4a4_gemm(qa[:, :k].contiguous(), sa, layer.weight_q, layer.weight_scale, x.dtype,
                                            za, layer.weight_sum)
         if bias is not None:

@@ -3,11 +3,7 @@
 # whole GPU test suite (the symmetric kernels share the changed code), then the sym/asym linear
 # timings of bench_kernels.py --asym.
 #   device run:  bash bench/device/asym_activations.sh      (results under $OUT)
-set -uo pipefail
-OUT=${OUT:-runs/device}
-mkdir -p "$OUT"
-python -m pip install --no-deps --no-build-isolation -e . -q 2>&1 | tail -2
-nvidia-smi --query-gpu=name,driver_version --format=csv | tee "$OUT/gpu.txt"
+source "$(dirname "$0")/setup.sh"
 timeout "${SUITE_S:-300}" python -m pytest -m gpu tests/gpu -q -p no:cacheprovider -n 8 2>&1 | tail -15 | tee "$OUT/pytest_gpu_all.log"
 timeout "${BENCH_S:-240}" python bench/bench_kernels.py --asym --no-table --ms 1,16,512,8192 --out "$OUT" 2>&1 \
     | tee "$OUT/bench_asym.log" | grep -v "^  (" | tail -40

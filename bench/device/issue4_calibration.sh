@@ -2,11 +2,7 @@
 # Issue 4 on the device machine (H100, no registry): the calibrator's CUDA path tests, then the
 # whole pipeline's cost on a Llama-2-7B-shaped random model (128 x 2048 tokens).
 #   device run:  bash bench/device/issue4_calibration.sh      (results under $OUT)
-set -uo pipefail
-OUT=${OUT:-runs/device}
-mkdir -p "$OUT"
-python -m pip install --no-deps --no-build-isolation -e . -q 2>&1 | tail -2
-nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,power.limit --format=csv | tee "$OUT/gpu.txt"
+source "$(dirname "$0")/setup.sh"
 python -m pytest -m gpu tests/gpu/test_pipeline_cuda.py -q -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/pytest_pipeline_cuda.log"
 python bench/bench_calibration.py --preset tiny-random --device cuda --calib-tokens 8192 --calib-seq-len 512 \
     --out "$OUT/tiny" > "$OUT/tiny.log" 2>&1 || { tail -30 "$OUT/tiny.log"; exit 1; }

@@ -3,11 +3,7 @@
 # calibrator's CUDA path), then the cost of DartQuant + RTN with scored starts (the RTN default)
 # on a Llama-2-7B-shaped random model (128 x 2048 tokens).
 #   device run:  bash bench/device/issue4_rtn_starts.sh      (results under $OUT)
-set -uo pipefail
-OUT=${OUT:-runs/device}
-mkdir -p "$OUT"
-python -m pip install --no-deps --no-build-isolation -e . -q 2>&1 | tail -2
-nvidia-smi --query-gpu=name,driver_version --format=csv | tee "$OUT/gpu.txt"
+source "$(dirname "$0")/setup.sh"
 timeout "${SUITE_S:-280}" python -m pytest -m gpu tests/gpu -q -p no:cacheprovider -n 8 2>&1 | tail -8 | tee "$OUT/pytest_gpu_all.log"
 timeout "${BUDGET_S:-420}" python bench/bench_calibration.py --preset llama2-7b-random --device cuda --tf32 \
     --weights rtn --calib-tokens 262144 --calib-seq-len 2048 --name llama2-7b-random-rtn --out "$OUT" 2>&1 \
