@@ -1,6 +1,6 @@
 """Benchmark of the rotquant CUDA kernels (issue 5). One device call:
 
-    python bench/bench_kernels.py [--out DIR] [--sweep] [--quick] [--asym [--no-table]]
+    python bench/bench_kernels.py [--out DIR] [--sweep] [--quick] [--asym [--asym-group G] [--no-table]]
 
 Prints, for the linear shapes of Llama-2-7B, Llama-3-8B and SmolLM2 and M in {1,16,128,512,2048,8192},
 the time of bf16 F.linear (cuBLAS), torch._int_mm on int8 (cuBLASLt, M > 16 only), our full W4A4
@@ -184,11 +184,13 @@ def run_linear_table(out_rows, ms, quick=False):
                 print(f"  ({time.time() - t0:.1f}s)", file=sys.stderr, flush=True)
 
 
-def run_asym_table(out_rows, ms):
+def run_asym_table(out_rows, ms, group: int | None = None):
     """The cost of asymmetric activations (zero point from the per-token min and max, and the GEMM
-    epilogue's za[m] * wsum[n] correction) against the symmetric linear on the same data."""
+    epilogue's za[m] * wsum[n] correction) against the symmetric linear on the same data.
+    `group`: weight scales per group of K (one za * wsum correction per group) instead of per channel."""
     gen = torch.Generator(device="cuda").manual_seed(2)
     print()
+    print(f"weight scales: {'per channel' if group is None else f'per group of {group}'}")
     print("| model | layer | K→N | M | W4A4 sym µs | W4A4 asym µs | asym/sym |")
     print("|---|---|---|---|---|---|---|")
     for model in ("Llama-2-7B", "Llama-3-8B"):
@@ -201,10 +203,11 @@ def run_asym_table(out_rows, ms):
                 def data(i):
                     if i not in sets:
                         w = torch.randint(-8, 8, (n, k), device="cuda", dtype=torch.int8, generator=gen)
-                        sw = (torch.rand(n, 1, device="cuda", generator=gen) * 0.01 + 1e-3).to(torch.bfloat16)
+                        groups = 1 if group is None else k // group
+                        sw = (torch.rand(n, groups, device="cuda", generator=gen) * 0.01 + 1e-3).to(torch.bfloat16)
                         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen) + 0.3
                         wk = prepare_weight(w)
-                        sets[i] = (wk, sw, x, ops.weight_sums(wk, 1))
+                        sets[i] = (wk, sw, x, ops.weight_sums(wk, groups))
                     return sets[i]
 
                 def mk(sym):
@@ -216,7 +219,8 @@ def run_asym_table(out_rows, ms):
                 qbytes = n * k // 2 + 2 * m * k + m * k + 2 * m * n
                 t_sym, t_asym = timed_graph(mk(True), qbytes), timed_graph(mk(False), qbytes)
                 sets.clear()
-                out_rows.append(dict(model=model, layer=layer, k=k, n=n, m=m, block=block, sym=t_sym, asym=t_asym))
+                out_rows.append(dict(model=model, layer=layer, k=k, n=n, m=m, block=block, group=group,
+                                     sym=t_sym, asym=t_asym))
                 print(f"| {model} | {layer}{'(H' + str(block) + ')' if block else ''} | {k}→{n} | {m} | "
                       f"{fmt_us(t_sym)} | {fmt_us(t_asym)} | {t_asym / t_sym:5.2f} |", flush=True)
 
@@ -328,6 +332,8 @@ def main():
     ap.add_argument("--sweep-hq", action="store_true", help="sweep the Hadamard+quant plans only")
     ap.add_argument("--no-table", action="store_true")
     ap.add_argument("--asym", action="store_true", help="also time asymmetric against symmetric activations")
+    ap.add_argument("--asym-group", type=int, default=None,
+                    help="with --asym: weight scales per group of this many K (default: per channel)")
     ap.add_argument("--ms", default=",".join(map(str, MS)))
     args = ap.parse_args()
     import triton
@@ -349,7 +355,7 @@ def main():
         print()
         run_linear_table(rows["linear"], [int(v) for v in args.ms.split(",")])
     if args.asym:
-        run_asym_table(rows["asym"], [int(v) for v in args.ms.split(",")])
+        run_asym_table(rows["asym"], [int(v) for v in args.ms.split(",")], args.asym_group)
     copy_end = copy_bandwidth()
     print(f"device-to-device copy at the end: {copy_end:.0f} GB/s")
     rows["copy_gbs_end"] = copy_end

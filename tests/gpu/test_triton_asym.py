@@ -87,7 +87,7 @@ def test_gemm_asym_per_channel_exact(k, n, bits, poison):
 @pytest.mark.parametrize("k,n", [(4096, 12288), (11008, 4096), (1536, 576)])
 @pytest.mark.parametrize("group", [128, 64])
 def test_gemm_asym_grouped(k, n, group):
-    for m in (1, 16, 129):
+    for m in (1, 16, 129, 600):  # split-free decode, mid tiles, 8-warp 128x128 tiles (large N)
         qa, sa, za, w, sw = _case(m, n, k, k // group, 4, seed=m + group)
         wk = prepare_weight(w)
         out = ops.w4a4_gemm(qa, sa, wk, sw, torch.bfloat16, za, ops.weight_sums(wk, k // group))
@@ -95,6 +95,25 @@ def test_gemm_asym_grouped(k, n, group):
         tol = want.float().abs() * 2 ** -7 + 1e-6  # one output rounding: fp32 group-sum order
         assert ((out.float() - want.float()).abs() <= tol).all()
         assert (out != want).float().mean().item() < 0.05
+
+
+@pytest.mark.parametrize("group", [128, 64])
+def test_gemm_asym_grouped_skewed_activations(group):
+    """All-positive activations (zero point -8 on every token): the za * sum_g sw * wsum correction
+    is as large as the products it is taken from, and must still cancel to one output rounding."""
+    k, n = 4096, 4096
+    g = torch.Generator(device="cuda").manual_seed(group)
+    for m in (5, 700):
+        x = torch.rand(m, k, generator=g, device="cuda") * 0.1 + 5.0
+        qa, sa, za = ops.quant_act_asym(x, 0.9, 4)
+        assert (za == -8).all()
+        w = torch.randint(-8, 8, (n, k), generator=g, device="cuda", dtype=torch.int8)
+        sw = (torch.rand(n, k // group, generator=g, device="cuda") * 0.02 + 1e-4).to(torch.bfloat16)
+        wk = prepare_weight(w)
+        out = ops.w4a4_gemm(qa, sa, wk, sw, torch.float32, za, ops.weight_sums(wk, k // group))
+        want = ref.w4a4_gemm_ref(qa, sa, w, sw, torch.float32, za)
+        # fp32 sums in another order: a few fp32 ulps of the terms; a wrong correction is O(1)
+        assert ((out - want).abs() <= want.abs() * 2 ** -10 + want.abs().mean() * 2 ** -14).all(), (m, group)
 
 
 @pytest.mark.parametrize("cfg", [triton_gemm._cfg(16, 16, 256, 4, 4, split=4), triton_gemm._cfg(16, 64, 128, 4, 4, split=8),
