@@ -5,7 +5,8 @@ that R1 rotates; or the input of o_proj: the per-head values that R2 rotates) it
 rotation, after the random Hadamard and after DartQuant: the histogram of all values (log
 scale), the per-channel max |x| over tokens, and two numbers: the kurtosis (E x^4 / (E x^2)^2
 per token, averaged: 3 for a Gaussian, 1.8 for a uniform distribution, large with outliers) and
-the relative MSE of per-token symmetric INT4 quantization (clip 0.9, the kernels' arithmetic).
+the relative MSE of per-token INT4 quantization (clip 0.9, the kernels' arithmetic), symmetric
+and asymmetric (`--act-asymmetric` checkpoints).
 
 PATH is either a plain HF model (then DartQuant is learned here on calibration text, with the
 `--dq-*` budget) or a rotquant checkpoint together with `--source MODEL` (its unrotated model):
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from vllm_rotquant.kernels.reference import quant_act_ref
+from vllm_rotquant.kernels.reference import quant_act_asym_ref, quant_act_ref
 
 log = logging.getLogger(__name__)
 
@@ -57,17 +58,24 @@ def kurtosis(x: torch.Tensor) -> float:
     return float((x.pow(4).mean(-1) / x.pow(2).mean(-1).clamp_min(1e-30) ** 2).mean())
 
 
-def int4_mse(x: torch.Tensor, clip: float = 0.9, bits: int = 4) -> float:
-    """Relative MSE ||x - deq(q(x))||^2 / ||x||^2 of per-token symmetric quantization, token mean."""
+def int4_mse(x: torch.Tensor, clip: float = 0.9, bits: int = 4, symmetric: bool = True) -> float:
+    """Relative MSE ||x - deq(q(x))||^2 / ||x||^2 of per-token quantization (symmetric, or with a
+    zero point), token mean."""
     x = x.float().flatten(1)
-    q, s = quant_act_ref(x, clip, bits)
-    return float(((q.float() * s - x).pow(2).sum(-1) / x.pow(2).sum(-1).clamp_min(1e-30)).mean())
+    if symmetric:
+        q, s = quant_act_ref(x, clip, bits)
+        deq = q.float() * s
+    else:
+        q, s, z = quant_act_asym_ref(x, clip, bits)
+        deq = (q.float() - z.float()) * s
+    return float(((deq - x).pow(2).sum(-1) / x.pow(2).sum(-1).clamp_min(1e-30)).mean())
 
 
 def stats(x: torch.Tensor, clip: float) -> dict:
     flat = x.flatten(1).float()
     rms = flat.pow(2).mean(-1).sqrt()
     return {"kurtosis": round(kurtosis(x), 3), "int4_mse": float(f"{int4_mse(x, clip):.4g}"),
+            "int4_asym_mse": float(f"{int4_mse(x, clip, 4, symmetric=False):.4g}"),
             "int8_mse": float(f"{int4_mse(x, clip, 8):.4g}"),
             "max_over_rms": round(float((flat.abs().amax(-1) / rms.clamp_min(1e-30)).mean()), 2),
             "absmax": round(float(flat.abs().max()), 3)}
@@ -215,8 +223,8 @@ def main(args) -> int:
     else:
         print(f"layer {report['layer']} {report['module']} input, {report['tokens']} tokens of {report['data']}:")
         for name, st in report["variants"].items():
-            print(f"  {name:<28} kurtosis {st['kurtosis']:7.3f}   INT4 MSE {st['int4_mse']:.4g}   "
-                  f"INT8 MSE {st['int8_mse']:.4g}   max/rms {st['max_over_rms']:.2f}")
+            print(f"  {name:<28} kurtosis {st['kurtosis']:7.3f}   INT4 MSE {st['int4_mse']:.4g} "
+                  f"(asym {st['int4_asym_mse']:.4g})   INT8 MSE {st['int8_mse']:.4g}   max/rms {st['max_over_rms']:.2f}")
         if args.plot:
             print(f"  figure: {args.plot}")
     return 0

@@ -323,6 +323,26 @@ def _tiny_model_folder(tmp_path):
     return folder, text
 
 
+def test_inspect_quantization_errors_against_float64():
+    from vllm_rotquant.offline.inspect_acts import int4_mse
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 96, generator=g, dtype=torch.float64) + 0.7  # skewed: the zero point matters
+    for bits in (4, 8):
+        levels = 2 ** (bits - 1) - 1
+        s = 0.9 * x.abs().amax(-1, keepdim=True) / levels
+        sym = ((x / s).round().clamp(-levels - 1, levels) * s - x).pow(2).sum(-1) / x.pow(2).sum(-1)
+        hi, lo = 0.9 * x.amax(-1, keepdim=True).clamp_min(0), 0.9 * x.amin(-1, keepdim=True).clamp_max(0)
+        sa = (hi - lo) / (2 ** bits - 1)
+        z = (-lo / sa).round()
+        asym = (((x / sa).round() + z).clamp(0, 2 ** bits - 1) - z) * sa
+        asym = (asym - x).pow(2).sum(-1) / x.pow(2).sum(-1)
+        assert int4_mse(x, 0.9, bits) == pytest.approx(sym.mean().item(), rel=1e-3)
+        assert int4_mse(x, 0.9, bits, symmetric=False) == pytest.approx(asym.mean().item(), rel=1e-3)
+    # at 4 bits the zero point's finer step wins; at 8 bits clipping both ends costs more than it saves
+    assert int4_mse(x, 0.9, 4, symmetric=False) < int4_mse(x, 0.9, 4)
+
+
 def test_inspect_model_plot_and_checkpoint_recovery(tmp_path):
     pytest.importorskip("matplotlib")
     from vllm_rotquant.offline import inspect_acts, pipeline
@@ -336,6 +356,8 @@ def test_inspect_model_plot_and_checkpoint_recovery(tmp_path):
         assert list(report["variants"]) == ["no rotation", "random Hadamard", "DartQuant"]
         for st in report["variants"].values():
             assert st["kurtosis"] > 1 and 0 < st["int4_mse"] < 1
+            # a zero point halves the step at most (range max-min instead of 2 max): never much worse
+            assert 0 < st["int4_asym_mse"] < 1.05 * st["int4_mse"]
         png = tmp_path / f"{module}.png"
         inspect_acts.plot(report, variants, png)
         assert png.stat().st_size > 10_000
