@@ -11,10 +11,10 @@ registers); the activations are the shared-memory B operand:
 Asymmetric activations (zero points za[m]) subtract za[m] * sum_k w[n,k] from the exact integer
 sum, with the sums made at load time: per channel, the accumulator starts at -16*za[m]*wsum[n]
 (a correction in the epilogue needs a second [BN, BM] int32 tile and made the whole GEMM 1.6x
-slower at M = 8192 on the H100); per group, small tiles (decode) correct each group's integer
-sum, and tiles of BM >= 64 accumulate sum_g sw[n,g]*wsum[n,g] as a [BN] fp32 vector and subtract
-za[m] times it once after the loop (the per-group correction costs two [BN, BM] integer ops per
-step there: 1.5x slower than symmetric at M = 512, 5x with 8 warps; the vector, ~1.3x).
+slower at M = 8192 on the H100); per group, za[m] * sum_g sw[n,g]*wsum[n,g] is subtracted
+once after the loop, the sum made there from [BN, GB]-group blocks (correcting each group's
+integer sum costs two [BN, BM] integer ops per K step: 1.5x slower than symmetric at M = 512,
+5x with 8 warps).
 
 The int32 accumulator is 16x the exact integer product (|acc| <= 16*K*8*128 < 2^31 for K < 131072;
 with a zero point, |acc| <= 16*K*8*256: K < 65536)
@@ -62,12 +62,13 @@ def _w4a4_kernel(x_ptr, sa_ptr, w_ptr, sw_ptr, out_ptr, ws_ptr, za_ptr, wsum_ptr
                  M, N, KH, stride_xm, stride_om, stride_swn, stride_wsn,
                  BM: tl.constexpr, BN: tl.constexpr, BKP: tl.constexpr, GROUP: tl.constexpr,
                  SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
-                 MASK_M: tl.constexpr, ZP: tl.constexpr, ZP_VEC: tl.constexpr, USE_ASM: tl.constexpr):
+                 MASK_M: tl.constexpr, ZP: tl.constexpr, GB: tl.constexpr,
+                 USE_ASM: tl.constexpr):
     """acc^T[BN, BM] over packed bytes [k_lo, k_hi) of this split; KH = K/2. Rows past M are
     wrapped (in-bounds loads, discarded at the store) or, with MASK_M (M < BM), zero-filled.
     ZP (asymmetric activations): per channel, the exact integer sum loses za[m] * wsum[n] before
-    it is scaled; per group, each group's integer sum loses za[m] * wsum[n, g] (small tiles) or,
-    ZP_VEC (BM >= 64), the scaled sum loses za[m] * sum_g sw[n, g] * wsum[n, g] after the loop."""
+    it is scaled; per group, the scaled sum loses za[m] * sum_g sw[n, g] * wsum[n, g] after the
+    loop (summed there in [BN, GB] blocks: no extra loads inside the K loop)."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_m = tl.cdiv(M, BM)
@@ -103,8 +104,6 @@ def _w4a4_kernel(x_ptr, sa_ptr, w_ptr, sw_ptr, out_ptr, ws_ptr, za_ptr, wsum_ptr
             acc = tl.zeros((BN, BM), dtype=tl.int32)
     else:
         accf = tl.zeros((BN, BM), dtype=tl.float32)
-        if ZP_VEC:
-            corr = tl.zeros((BN,), dtype=tl.float32)  # sum_g sw[n, g] * wsum[n, g]
     # per step two int8 dots: low nibbles <-> k in [kp, kp+BKP), high <-> [K/2+kp, K/2+kp+BKP)
     for kk in range(k_lo, k_hi, BKP):
         if EVEN_K:
@@ -129,19 +128,10 @@ def _w4a4_kernel(x_ptr, sa_ptr, w_ptr, sw_ptr, out_ptr, ws_ptr, za_ptr, wsum_ptr
             zero = tl.zeros((BN, BM), dtype=tl.int32)
             a_lo = tl.dot(lo, xl, zero, out_dtype=tl.int32) >> 4
             a_hi = tl.dot(hi, xh, zero, out_dtype=tl.int32) >> 4
-            if ZP and not ZP_VEC:  # small tiles: correct each group's exact integer sum
-                z_lo = tl.load(wsum_ptr + rn_c * stride_wsn + kk // GROUP)
-                z_hi = tl.load(wsum_ptr + rn_c * stride_wsn + (KH + kk) // GROUP)
-                a_lo -= z_lo[:, None] * za[None, :]
-                a_hi -= z_hi[:, None] * za[None, :]
             s_lo = tl.load(sw_ptr + rn_c * stride_swn + kk // GROUP).to(tl.float32)
             s_hi = tl.load(sw_ptr + rn_c * stride_swn + (KH + kk) // GROUP).to(tl.float32)
             accf += a_lo.to(tl.float32) * s_lo[:, None]
             accf += a_hi.to(tl.float32) * s_hi[:, None]
-            if ZP_VEC:  # large tiles: a [BN] vector per step, the [BN, BM] correction once after the loop
-                z_lo = tl.load(wsum_ptr + rn_c * stride_wsn + kk // GROUP).to(tl.float32)
-                z_hi = tl.load(wsum_ptr + rn_c * stride_wsn + (KH + kk) // GROUP).to(tl.float32)
-                corr += s_lo * z_lo + s_hi * z_hi
         w_ptrs += BKP
         x_ptrs += BKP
 
@@ -167,7 +157,15 @@ def _w4a4_kernel(x_ptr, sa_ptr, w_ptr, sw_ptr, out_ptr, ws_ptr, za_ptr, wsum_ptr
             out = acc.to(tl.float32) * sa[None, :] * sw[:, None]
             tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=omask)
     else:
-        if ZP_VEC:
+        if ZP:  # sum_g sw[n, g] * wsum[n, g] in [BN, GB] blocks, once per tile
+            corr = tl.zeros((BN,), dtype=tl.float32)
+            n_groups = 2 * KH // GROUP
+            rg = tl.arange(0, GB)
+            for g0 in range(0, n_groups, GB):
+                gm = (g0 + rg)[None, :] < n_groups
+                swg = tl.load(sw_ptr + rn_c[:, None] * stride_swn + (g0 + rg)[None, :], mask=gm, other=0.0)
+                wsg = tl.load(wsum_ptr + rn_c[:, None] * stride_wsn + (g0 + rg)[None, :], mask=gm, other=0)
+                corr += tl.sum(swg.to(tl.float32) * wsg.to(tl.float32), axis=1)
             accf -= corr[:, None] * za[None, :].to(tl.float32)
         out = accf * sa[None, :]
         tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=omask)
@@ -279,6 +277,7 @@ def w4a4_gemm(qa: torch.Tensor, sa: torch.Tensor, w: torch.Tensor, sw: torch.Ten
         qa, sa, w, sw, out, ws, za if zp else sa, wsum if zp else sw,
         m, n, k // 2, qa.stride(0), out.stride(0), sw.stride(0), wsum.stride(0) if zp else 0,
         GROUP=group, SPLIT_K=split, EVEN_K=even_k, MASK_M=m < cfg["BM"], ZP=zp,
-        ZP_VEC=zp and bool(group) and cfg["BM"] >= 64, USE_ASM=not INTERPRET,
+        GB=min(triton.next_power_of_2(groups), max(8, 16 * 32 * cfg["num_warps"] // cfg["BN"])),  # 16 regs a tile
+        USE_ASM=not INTERPRET,
         **cfg)
     return out
