@@ -62,6 +62,31 @@ def default_tp_sizes(config) -> tuple[int, ...]:
                  if nq % tp == 0 and (nkv % tp == 0 or tp % nkv == 0) and config.intermediate_size % tp == 0)
 
 
+def check_group_size(config, group_size: int | None, tp_sizes: tuple[int, ...]) -> None:
+    """Fail before any calibration when `group_size` does not split every linear's input on every
+    rank (o_proj and down_proj are row-parallel: their inputs are split over TP); warn when the
+    CUDA GEMM cannot serve it (a power of two in [32, 512] dividing half of each rank's input:
+    the INT4 kernel layout pairs column k with column k + K/2), which the CPU path still can."""
+    if not group_size:
+        return
+    if group_size < 2 or group_size % 2:
+        raise ValueError(f"--group-size {group_size}: must be a positive even number")
+    nq, _, hd = rotate.head_geometry(config)
+    inputs = [("hidden_size (q/k/v/gate/up input)", config.hidden_size, 1)]
+    inputs += [(f"o_proj input per rank at tp {tp}", nq * hd // tp, tp) for tp in tp_sizes]
+    inputs += [(f"down_proj input per rank at tp {tp}", config.intermediate_size // tp, tp) for tp in tp_sizes]
+    for name, width, _ in inputs:
+        if width % group_size:
+            raise ValueError(f"--group-size {group_size} does not divide the {name} = {width} (choose a divisor, "
+                             f"or restrict --tp-sizes)")
+    pow2 = group_size & (group_size - 1) == 0 and 32 <= group_size <= 512
+    bad = [f"{name} = {width}" for name, width, _ in inputs if not pow2 or (width // 2) % group_size]
+    if bad:
+        log.warning("--group-size %d: the CUDA INT4 GEMM cannot serve it (needs a power of two in [32, 512] "
+                    "dividing half of each input: %s); the checkpoint runs on the CPU reference path only",
+                    group_size, ", ".join(bad))
+
+
 def plan_r4_block(config, tp_sizes: tuple[int, ...], requested: int | None) -> int:
     width = config.intermediate_size // max(tp_sizes)
     block = requested or largest_block(width)
@@ -128,6 +153,7 @@ def quantize_checkpoint(model_dir: str | Path, out_dir: str | Path, opts: Quanti
     model = load_hf_model(model_dir, torch.float32)
     config = model.config
     tp_sizes = tuple(opts.tp_sizes or default_tp_sizes(config))
+    check_group_size(config, opts.group_size, tp_sizes)
     rotate.fold_norms(model)
     needs_calib = opts.weights == "gptq" or opts.rotation == "dartquant"
     calib_windows = None

@@ -217,3 +217,35 @@ def test_block_hadamard_rows_chunked_equals_whole_and_names_bad_block():
     torch.testing.assert_close(out, ref.float(), rtol=0, atol=0)
     with pytest.raises(ValueError, match="block 128 does not divide the last dimension 192"):
         rotate.block_hadamard_rows(x, 128)
+
+
+def test_group_size_checked_before_calibration(caplog):
+    """A group size that cannot split a linear's input fails up front (naming the input), one the
+    CUDA GEMM cannot serve warns; SmolLM2's shapes: hidden 576, 9 heads of 64, intermediate 1536."""
+    from types import SimpleNamespace
+
+    from vllm_rotquant.offline.pipeline import check_group_size
+
+    cfg = SimpleNamespace(hidden_size=576, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+                          intermediate_size=1536)
+    with pytest.raises(ValueError, match=r"--group-size 128 does not divide the hidden_size .* 576"):
+        check_group_size(cfg, 128, (1,))
+    with pytest.raises(ValueError, match="down_proj input per rank at tp 8 = 192"):
+        check_group_size(cfg.__class__(**{**vars(cfg), "hidden_size": 1024, "num_attention_heads": 16}), 128, (1, 8))
+    with pytest.raises(ValueError, match="even"):
+        check_group_size(cfg, 3, (1,))
+    with caplog.at_level("WARNING", logger="vllm_rotquant.offline.pipeline"):
+        check_group_size(cfg, 32, (1, 3))  # 288 = 9 x 32: the GPU can serve it
+        assert not caplog.records
+        check_group_size(cfg, 64, (1,))  # divides 576, but not 576 / 2
+    assert "CUDA INT4 GEMM cannot serve it" in caplog.text and "576" in caplog.text
+    check_group_size(cfg, None, (1,))
+
+
+def test_quantize_rejects_group_size_before_calibrating(tmp_path):
+    from vllm_rotquant.offline.pipeline import QuantizeOptions, quantize_checkpoint
+
+    folder = build_hf_model(tmp_path / "m")
+    with pytest.raises(ValueError, match="--group-size 48 does not divide"):
+        quantize_checkpoint(folder, tmp_path / "out", QuantizeOptions(weights="gptq", group_size=48, calib="/nonexistent"))
+    assert not (tmp_path / "out").exists()
