@@ -114,6 +114,10 @@ def dartquant_rotations(model, windows: torch.Tensor, r4_block: int, opts: Quant
     from vllm_rotquant.offline import dartquant, select_rotation
 
     o = dartquant.resolve_options(**opts.dartquant)
+    if opts.a_bits >= 8:
+        log.warning("--rotation dartquant with %d-bit activations: DartQuant shapes the rotations for the "
+                    "activation quantizer, which loses almost nothing at 8 bits; on SmolLM2 (W4A8, 5 seeds) it "
+                    "did not beat --rotation hadamard, which costs no calibration (bench/RESULTS.md)", opts.a_bits)
     starts = o["starts"] or (RTN_STARTS if opts.weights == "rtn" else 1)
     if starts > 1 and opts.weights != "rtn":
         raise ValueError(f"DartQuant starts={starts} picks a rotation by its RTN-quantized loss; with "

@@ -56,3 +56,17 @@ def test_several_starts_with_gptq_are_refused(src, calib_file, tmp_path):
                                     calib_seq_len=128, dartquant={**DQ, "starts": 2})
     with pytest.raises(ValueError, match="with --weights gptq use one start"):
         pipeline.quantize_checkpoint(src, tmp_path / "ck", opts)
+
+
+def test_dartquant_at_8_bit_activations_warns_that_the_hadamard_is_as_good(src, calib_file, tmp_path, caplog):
+    opts = pipeline.QuantizeOptions(rotation="dartquant", weights="rtn", a_bits=8, calib=calib_file,
+                                    calib_tokens=512, calib_seq_len=128, dartquant={**DQ, "starts": 1})
+    with caplog.at_level("WARNING", logger="vllm_rotquant.offline.pipeline"):
+        pipeline.quantize_checkpoint(src, tmp_path / "ck", opts)
+    assert "8-bit activations" in caplog.text and "--rotation hadamard" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="vllm_rotquant.offline.pipeline"):
+        pipeline.quantize_checkpoint(src, tmp_path / "ck4", pipeline.QuantizeOptions(
+            rotation="dartquant", weights="rtn", a_bits=4, calib=calib_file, calib_tokens=512, calib_seq_len=128,
+            dartquant={**DQ, "starts": 1}))
+    assert "8-bit" not in caplog.text
