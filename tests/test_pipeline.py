@@ -48,16 +48,19 @@ def _quantize(src, out, **kw):
     return pipeline.quantize_checkpoint(src, out, opts)
 
 
-@pytest.mark.parametrize("weights", ["rtn", "gptq"])
-def test_simulation_reproduces_dequantized_model(src, tmp_path, calib_file, weights):
+@pytest.mark.parametrize("weights,group_size", [("rtn", None), ("gptq", None), ("rtn", 16), ("gptq", 16)])
+def test_simulation_reproduces_dequantized_model(src, tmp_path, calib_file, weights, group_size):
     """W4A16 simulation of the written checkpoint == the fp rotated model with the stored
-    INT4 weights dequantized: writing, loading and simulating lose nothing."""
+    INT4 weights dequantized: writing, loading and simulating lose nothing (also group-wise)."""
     out = tmp_path / "ckpt"
-    _quantize(src, out, weights=weights, a_bits=16, calib=calib_file)
+    _quantize(src, out, weights=weights, a_bits=16, calib=calib_file, group_size=group_size)
     sim = load_simulated(out, torch.float32)
     spec = sim.rotquant_spec
     assert spec.act_bits == 16 and spec.rotation == "hadamard" and spec.calibration["method"] == weights
+    assert spec.group_size == group_size
     tensors = load_file(out / "model.safetensors")
+    in_f = tensors["model.layers.0.mlp.down_proj.weight_packed"].shape[1] * 2
+    assert tensors["model.layers.0.mlp.down_proj.weight_scale"].shape[1] == (in_f // group_size if group_size else 1)
     model = load_hf_model(src)
     rotate.fold_norms(model)
     r1, r2 = pipeline.hadamard_rotations(model.config, seed=0)
