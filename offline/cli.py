@@ -37,7 +37,7 @@ def cmd_quantize(args) -> int:
 
     dq = {k: v for k, v in (("epochs", args.dq_epochs), ("lr", args.dq_lr), ("samples", args.dq_samples),
                             ("outliers", args.dq_outliers), ("weight_rows", args.dq_weight_rows),
-                            ("starts", args.dq_starts)) if v is not None}
+                            ("starts", args.dq_starts), ("r2_epochs", args.dq_r2_epochs)) if v is not None}
     opts = QuantizeOptions(
         rotation=args.rotation, weights=args.weights, w_bits=args.w_bits, a_bits=args.a_bits,
         group_size=args.group_size, act_clip_ratio=args.act_clip, act_symmetric=not args.act_asymmetric,
@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--batch-size", type=int, default=8, help="calibration batch (windows)")
     q.add_argument("--dq-epochs", type=int, default=None, help="DartQuant epochs over the token sample (default 10)")
     q.add_argument("--dq-lr", type=float, default=None, help="DartQuant SGD learning rate (default 1e-3)")
+    q.add_argument("--dq-r2-epochs", type=int, default=None,
+                   help="DartQuant epochs for the per-head R2 (default 10; 0 keeps the random Hadamard R2)")
     q.add_argument("--dq-samples", type=int, default=None,
                    help="DartQuant tokens kept per layer from each captured input (default 2048)")
     q.add_argument("--dq-outliers", type=int, default=None,

@@ -252,3 +252,14 @@ def test_quantize_rejects_group_size_before_calibrating(tmp_path):
     with pytest.raises(ValueError, match="--group-size 48 does not divide"):
         quantize_checkpoint(folder, tmp_path / "out", QuantizeOptions(weights="gptq", group_size=48, calib="/nonexistent"))
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_passes_the_dartquant_options(monkeypatch, tmp_path):
+    seen = {}
+    monkeypatch.setattr(pipeline, "quantize_checkpoint", lambda model, out, opts: seen.setdefault("opts", opts) and {"out": out})
+    args = cli.build_parser().parse_args(
+        ["quantize", "m", str(tmp_path / "o"), "--rotation", "dartquant", "--dq-epochs", "3", "--dq-r2-epochs", "0",
+         "--dq-lr", "0.002", "--dq-samples", "512", "--dq-outliers", "0", "--dq-starts", "2", "--dq-weight-rows", "0.1"])
+    args.func(args)
+    assert seen["opts"].dartquant == {"epochs": 3, "r2_epochs": 0, "lr": 0.002, "samples": 512, "outliers": 0,
+                                      "starts": 2, "weight_rows": 0.1}
