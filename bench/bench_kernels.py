@@ -185,9 +185,9 @@ def run_linear_table(out_rows, ms, quick=False):
 
 
 def run_asym_table(out_rows, ms, group: int | None = None):
-    """The cost of asymmetric activations (zero point from the per-token min and max, and the GEMM
-    epilogue's za[m] * wsum[n] correction) against the symmetric linear on the same data.
-    `group`: weight scales per group of K (one za * wsum correction per group) instead of per channel."""
+    """The cost of asymmetric activations (zero point from the per-token min and max, and the GEMM's
+    za[m] * weight-sum correction) against the symmetric linear on the same data.
+    `group`: weight scales per group of K instead of per channel."""
     gen = torch.Generator(device="cuda").manual_seed(2)
     print()
     print(f"weight scales: {'per channel' if group is None else f'per group of {group}'}")

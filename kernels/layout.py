@@ -43,6 +43,13 @@ def is_kernel_layout(w: torch.Tensor) -> bool:
     return w.dtype == torch.int32
 
 
+def gemm_group_supported(k: int, group: int) -> bool:
+    """Whether the Triton GEMM takes group-wise scales of `group` along K: a power of two in
+    [32, 512] dividing K/2 (this layout pairs column k with column k + K/2 in one byte, so a group
+    must not straddle the two halves)."""
+    return 32 <= group <= 512 and group & (group - 1) == 0 and k % 2 == 0 and (k // 2) % group == 0
+
+
 def weight_in_features(w: torch.Tensor) -> int:
     """K of a weight in any of the three layouts."""
     if w.dtype == torch.uint8:

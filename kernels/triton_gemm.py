@@ -37,6 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
+from vllm_rotquant.kernels.layout import gemm_group_supported
+
 logger = logging.getLogger(__name__)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -237,7 +239,7 @@ def w4a4_gemm(qa: torch.Tensor, sa: torch.Tensor, w: torch.Tensor, sw: torch.Ten
     groups = sw.shape[1]
     group = 0 if groups == 1 else k // groups
     if group:
-        if k % groups or (k // 2) % group or group < 32 or group > 512 or group & (group - 1):
+        if k % groups or not gemm_group_supported(k, group):
             raise ValueError(f"w4a4_gemm: unsupported group size {group} for K={k}")
     if qa.stride(-1) != 1:
         qa = qa.contiguous()

@@ -16,7 +16,7 @@ import torch
 from vllm_rotquant.kernels import ops
 from vllm_rotquant.kernels import reference as ref
 from vllm_rotquant.kernels import triton_gemm, triton_quant
-from vllm_rotquant.kernels.layout import prepare_weight
+from vllm_rotquant.kernels.layout import gemm_group_supported, prepare_weight
 
 logger = logging.getLogger(__name__)
 _warned: set = set()
@@ -78,7 +78,7 @@ def _w4a4_gemm_cuda(qa: torch.Tensor, sa: torch.Tensor, w: torch.Tensor, sw: tor
     groups = sw.shape[1]
     if groups > 1:
         g = k // groups
-        if k % groups or (k // 2) % g or g < 32 or g > 512 or g & (g - 1):
+        if k % groups or not gemm_group_supported(k, g):
             _warn_once(("group", g, k), "rotquant: group size %d with K=%d has no Triton path; "
                        "using the torch reference", g, k)
             return ref.w4a4_gemm_ref(qa, sa, ops._weight_int(w), sw, out_dtype, za, wsum)

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from vllm_rotquant.format import QUANTIZED_PROJECTIONS, RotQuantSpec, pack_int4
 from vllm_rotquant.kernels.hadamard import largest_block, rotation_matrix
+from vllm_rotquant.kernels.layout import gemm_group_supported
 from vllm_rotquant.offline import calibrate, data, quantize, rotate
 from vllm_rotquant.offline.model_io import atomic_folder, load_hf_model, load_tokenizer
 
@@ -65,22 +66,20 @@ def default_tp_sizes(config) -> tuple[int, ...]:
 def check_group_size(config, group_size: int | None, tp_sizes: tuple[int, ...]) -> None:
     """Fail before any calibration when `group_size` does not split every linear's input on every
     rank (o_proj and down_proj are row-parallel: their inputs are split over TP); warn when the
-    CUDA GEMM cannot serve it (a power of two in [32, 512] dividing half of each rank's input:
-    the INT4 kernel layout pairs column k with column k + K/2), which the CPU path still can."""
+    CUDA GEMM cannot serve it (`gemm_group_supported`), which the CPU path still can."""
     if not group_size:
         return
     if group_size < 2 or group_size % 2:
         raise ValueError(f"--group-size {group_size}: must be a positive even number")
     nq, _, hd = rotate.head_geometry(config)
-    inputs = [("hidden_size (q/k/v/gate/up input)", config.hidden_size, 1)]
-    inputs += [(f"o_proj input per rank at tp {tp}", nq * hd // tp, tp) for tp in tp_sizes]
-    inputs += [(f"down_proj input per rank at tp {tp}", config.intermediate_size // tp, tp) for tp in tp_sizes]
-    for name, width, _ in inputs:
+    inputs = [("hidden_size (q/k/v/gate/up input)", config.hidden_size)]
+    inputs += [(f"o_proj input per rank at tp {tp}", nq * hd // tp) for tp in tp_sizes]
+    inputs += [(f"down_proj input per rank at tp {tp}", config.intermediate_size // tp) for tp in tp_sizes]
+    for name, width in inputs:
         if width % group_size:
             raise ValueError(f"--group-size {group_size} does not divide the {name} = {width} (choose a divisor, "
                              f"or restrict --tp-sizes)")
-    pow2 = group_size & (group_size - 1) == 0 and 32 <= group_size <= 512
-    bad = [f"{name} = {width}" for name, width, _ in inputs if not pow2 or (width // 2) % group_size]
+    bad = [f"{name} = {width}" for name, width in inputs if not gemm_group_supported(width, group_size)]
     if bad:
         log.warning("--group-size %d: the CUDA INT4 GEMM cannot serve it (needs a power of two in [32, 512] "
                     "dividing half of each input: %s); the checkpoint runs on the CPU reference path only",

@@ -5,7 +5,7 @@ import torch
 from vllm_rotquant.format import pack_int4, unpack_int4
 from vllm_rotquant.kernels import ops
 from vllm_rotquant.kernels import reference as ref
-from vllm_rotquant.kernels.layout import (is_kernel_layout, kernel_layout_to_int, prepare_weight,
+from vllm_rotquant.kernels.layout import (gemm_group_supported, is_kernel_layout, kernel_layout_to_int, prepare_weight,
                                           weight_in_features)
 
 
@@ -46,3 +46,11 @@ def test_ops_accept_kernel_layout(groups):
         out = ops.rotquant_linear(x, layout, sw, None, 4, 0.9, None)
         assert torch.equal(out, want)
     assert torch.equal(unpack_int4(pack_int4(w)), w)
+
+
+def test_gemm_group_supported_needs_a_power_of_two_dividing_half_of_k():
+    assert gemm_group_supported(4096, 128) and gemm_group_supported(11008, 128) and gemm_group_supported(576, 32)
+    assert not gemm_group_supported(5504, 128)  # Llama-2-7B down_proj at TP 2: 2752 is not a multiple of 128
+    assert not gemm_group_supported(576, 64)  # divides K but not K/2: a group would straddle the halves
+    assert not gemm_group_supported(4096, 48) and not gemm_group_supported(4096, 16)
+    assert not gemm_group_supported(4096, 1024)

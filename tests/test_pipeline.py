@@ -256,7 +256,12 @@ def test_quantize_rejects_group_size_before_calibrating(tmp_path):
 
 def test_cli_passes_the_dartquant_options(monkeypatch, tmp_path):
     seen = {}
-    monkeypatch.setattr(pipeline, "quantize_checkpoint", lambda model, out, opts: seen.setdefault("opts", opts) and {"out": out})
+
+    def fake_quantize(model, out, opts):
+        seen["opts"] = opts
+        return {"out": out}
+
+    monkeypatch.setattr(pipeline, "quantize_checkpoint", fake_quantize)
     args = cli.build_parser().parse_args(
         ["quantize", "m", str(tmp_path / "o"), "--rotation", "dartquant", "--dq-epochs", "3", "--dq-r2-epochs", "0",
          "--dq-lr", "0.002", "--dq-samples", "512", "--dq-outliers", "0", "--dq-starts", "2", "--dq-weight-rows", "0.1"])

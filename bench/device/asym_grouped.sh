@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole GPU test suite, then asymmetric against symmetric activations with group-wise weight
-# scales (group 128: one za * wsum correction per group in the GEMM) next to the per-channel table.
+# scales (group 128), the configuration of DartQuant's released scripts.
 #   device run:  bash bench/device/asym_grouped.sh      (results under $OUT)
 source "$(dirname "$0")/setup.sh"
 timeout "${SUITE_S:-300}" python -m pytest -m gpu tests/gpu -q -p no:cacheprovider -n 8 2>&1 | tail -15 | tee "$OUT/pytest_gpu_all.log"
