@@ -115,6 +115,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rotation", default="dartquant", choices=["none", "hadamard", "dartquant"])
     ap.add_argument("--weights", default="gptq", choices=["rtn", "gptq"])
     ap.add_argument("--a-bits", type=int, default=4)
+    ap.add_argument("--act-clip", default="auto", help="activation clip ratio, or 'auto' (searched)")
     ap.add_argument("--calib", default="brown")
     ap.add_argument("--calib-tokens", type=int, default=128 * 2048)
     ap.add_argument("--calib-seq-len", type=int, default=2048)
@@ -167,6 +168,7 @@ def main(argv=None) -> int:
             model_dir, calib = Path(args.model), args.calib
         opts = pipeline.QuantizeOptions(
             rotation=args.rotation, weights=args.weights, a_bits=args.a_bits, calib=calib,
+            act_clip_ratio=args.act_clip if args.act_clip == "auto" else float(args.act_clip),
             calib_tokens=args.calib_tokens, calib_seq_len=args.calib_seq_len, seed=args.seed,
             device=args.device, batch_size=args.batch_size, dartquant=json.loads(args.dq), overwrite=True)
         t = time.time()
@@ -197,10 +199,10 @@ def main(argv=None) -> int:
     row = (f"| {name} | {args.device} ({env['device_name']}) | {args.rotation}+{args.weights} | "
            f"{s['calib_tokens']} | {result['wall_s']:.0f} | {s.get('prepare_s', 0):.0f} | {dq.get('capture_s', 0):.0f} | "
            f"{dq.get('r1_s', 0):.0f} / {dq.get('r2_s', 0):.0f} | {s.get('rotation_s', 0):.0f} | "
-           f"{s.get('weights_s', 0):.0f} | {s.get('write_s', 0):.0f} | {gpu} | {result['peak_cpu_rss_gib']:.1f} |")
+           f"{s.get('weights_s', 0):.0f} | {s.get('write_s', 0):.0f} | {s.get('act_clip_s', 0):.0f} ({s.get('act_clip_ratio')}) | {gpu} | {result['peak_cpu_rss_gib']:.1f} |")
     header = ("| model | device | method | calib tokens | total s | load+fold+tokenize s | capture s | R1 / R2 train s | "
-              "rotation s (incl. DartQuant) | weights s | write s | peak GPU GiB | peak CPU RSS GiB |\n"
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+              "rotation s (incl. DartQuant) | weights s | write s | act clip search s (clip) | peak GPU GiB | peak CPU RSS GiB |\n"
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     (out / f"calibration_{name}.md").write_text(header + "\n" + row + "\n")
     print(json.dumps(result, indent=2))
     print(header)

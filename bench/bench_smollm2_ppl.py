@@ -6,7 +6,8 @@ Each row quantizes (unless its checkpoint already exists in --work) and evaluate
 `rotquant eval` arithmetic (the simulation of the served kernels). W4A8/W4A16 rows reuse the
 W4A4 row's GPTQ weights with another `act_bits` (and the "asym" rows with asymmetric activations):
 the weight quantizer never sees quantized activations (its Hessians come from full-precision
-inputs), so re-running it would write the same tensors. DartQuant+RTN is the exception (its
+inputs), so re-running it would write the same tensors; with `--act-clip auto` (the default, as in
+`rotquant quantize`) the derived copy's clip is searched again for its own activations. DartQuant+RTN is the exception (its
 starts are scored with quantized activations), so its asym row quantizes afresh. Prints a markdown table.
 """
 from __future__ import annotations
@@ -18,8 +19,9 @@ import shutil
 import time
 from pathlib import Path
 
+from vllm_rotquant.offline import act_clip, data
 from vllm_rotquant.offline.evaluate import evaluate
-from vllm_rotquant.offline.model_io import fetch_smollm2
+from vllm_rotquant.offline.model_io import fetch_smollm2, load_tokenizer
 from vllm_rotquant.offline.pipeline import QuantizeOptions, quantize_checkpoint
 
 # name -> (rotation, weights, act_bits, derived from); "asym" rows: per-token asymmetric activations
@@ -73,7 +75,9 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--windows", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--act-clip", default="auto", help="activation clip ratio, or 'auto' (searched, the default)")
     args = p.parse_args()
+    clip = args.act_clip if args.act_clip == "auto" else float(args.act_clip)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     work = Path(args.work)
     src = fetch_smollm2(work / "smollm2")
@@ -86,16 +90,22 @@ def main() -> None:
             ckpt = work / slug(name)
             if parent is not None:
                 derive(work / slug(parent), ckpt, act_bits, symmetric)
+                if clip == "auto" and act_bits < 16:
+                    ids = data.tokenize(load_tokenizer(ckpt), data.load_text("brown"))
+                    act_clip.tune(ckpt, data.calibration_windows(ids, args.calib_seq_len, args.calib_tokens, args.seed))
+                elif clip != "auto":
+                    act_clip.set_clip(ckpt, clip)
             elif not (ckpt / "config.json").is_file():
                 quant = quantize_checkpoint(src, ckpt, QuantizeOptions(
                     rotation=rotation, weights=weights, a_bits=act_bits, act_symmetric=symmetric, calib="brown",
+                    act_clip_ratio=clip,
                     seed=args.seed, calib_tokens=args.calib_tokens, calib_seq_len=args.calib_seq_len, overwrite=True))
         t = time.time()
         res = evaluate(ckpt, "austen", args.seq_len, args.windows)
         results.append((name, res["ppl"], quant.get("seconds"), quant.get("peak_memory_mb"), time.time() - t))
         logging.info("%s: ppl %.2f", name, res["ppl"])
     print(f"\nSmolLM2-135M, austen {args.windows}x{args.seq_len}, calibration brown "
-          f"{args.calib_tokens} tokens (seq {args.calib_seq_len}), seed {args.seed}\n")
+          f"{args.calib_tokens} tokens (seq {args.calib_seq_len}), seed {args.seed}, act clip {args.act_clip}\n")
     print("| setting | perplexity | quantize s | peak MB | eval s |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for name, ppl, qs, mem, es in results:

@@ -13,7 +13,7 @@ import resource
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import save_file
@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from vllm_rotquant.format import QUANTIZED_PROJECTIONS, RotQuantSpec, pack_int4
 from vllm_rotquant.kernels.hadamard import largest_block, rotation_matrix
 from vllm_rotquant.kernels.layout import gemm_group_supported
-from vllm_rotquant.offline import calibrate, data, quantize, rotate
+from vllm_rotquant.offline import act_clip, calibrate, data, quantize, rotate
 from vllm_rotquant.offline.model_io import atomic_folder, load_hf_model, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ class QuantizeOptions:
     w_bits: int = 4
     a_bits: int = 4
     group_size: int | None = None
-    act_clip_ratio: float = 0.9
+    act_clip_ratio: float | str = "auto"  # a ratio in (0, 1], or "auto": searched on calibration text (act_clip.py)
     act_symmetric: bool = True  # False: per-token asymmetric (zero point), as DartQuant's scripts
     calib: str = "brown"
     calib_tokens: int = 128 * 2048
@@ -127,7 +127,7 @@ def dartquant_rotations(model, windows: torch.Tensor, r4_block: int, opts: Quant
         return cands[0]
     t0 = time.time()
     scores = [select_rotation.quantized_nll(model, windows[: o["score_windows"]], r1, r2, r4_block, w_bits=opts.w_bits,
-                                            group_size=opts.group_size, a_bits=opts.a_bits, clip=opts.act_clip_ratio,
+                                            group_size=opts.group_size, a_bits=opts.a_bits, clip=initial_clip(opts),
                                             act_symmetric=opts.act_symmetric, device=opts.device, batch_size=opts.batch_size)
               for r1, r2 in tqdm(cands, desc="score rotations", unit="start")]
     best = min(range(len(scores)), key=scores.__getitem__)
@@ -136,6 +136,19 @@ def dartquant_rotations(model, windows: torch.Tensor, r4_block: int, opts: Quant
              opts.a_bits, " ".join(f"{v:.4f}" for v in scores), best, seconds)
     dartquant.LAST_RUN.update(start_scores=scores, chosen_start=best, score_s=seconds)
     return cands[best]
+
+
+def initial_clip(opts: QuantizeOptions) -> float:
+    """The clip ratio written first (and used to score DartQuant starts): the given one, or
+    act_clip.START when it is searched after the weights are quantized."""
+    return act_clip.START if opts.act_clip_ratio == "auto" else float(opts.act_clip_ratio)
+
+
+def check_act_clip(value: float | str) -> None:
+    if value == "auto":
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+        raise ValueError(f"act_clip_ratio (--act-clip): expected 'auto' or a number in (0, 1], got {value!r}")
 
 
 def peak_memory_mb(device: str) -> float:
@@ -152,13 +165,15 @@ def quantize_checkpoint(model_dir: str | Path, out_dir: str | Path, opts: Quanti
         raise FileExistsError(f"{out} exists (pass --overwrite to replace it)")
     if opts.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
+    check_act_clip(opts.act_clip_ratio)
+    tune_clip = opts.act_clip_ratio == "auto" and opts.a_bits < 16
     torch.manual_seed(opts.seed)
     model = load_hf_model(model_dir, torch.float32)
     config = model.config
     tp_sizes = tuple(opts.tp_sizes or default_tp_sizes(config))
     check_group_size(config, opts.group_size, tp_sizes)
     rotate.fold_norms(model)
-    needs_calib = opts.weights == "gptq" or opts.rotation == "dartquant"
+    needs_calib = opts.weights == "gptq" or opts.rotation == "dartquant" or tune_clip
     calib_windows = None
     if needs_calib:
         tokenizer = load_tokenizer(model_dir)
@@ -198,7 +213,7 @@ def quantize_checkpoint(model_dir: str | Path, out_dir: str | Path, opts: Quanti
 
     spec = RotQuantSpec(
         weight_bits=opts.w_bits, group_size=opts.group_size, act_bits=opts.a_bits,
-        act_clip_ratio=opts.act_clip_ratio, act_symmetric=opts.act_symmetric, rotation=opts.rotation, seed=opts.seed,
+        act_clip_ratio=initial_clip(opts), act_symmetric=opts.act_symmetric, rotation=opts.rotation, seed=opts.seed,
         down_proj_block=r4_block, qk_block=qk_block, tp_sizes=tp_sizes,
         calibration={
             "method": opts.weights, "data": opts.calib if opts.weights == "gptq" or opts.rotation == "dartquant" else None,
@@ -208,11 +223,19 @@ def quantize_checkpoint(model_dir: str | Path, out_dir: str | Path, opts: Quanti
             "device": opts.device, **{k: round(v, 2) for k, v in timings.items()},
         })
     t = time.time()
-    size = write_checkpoint(model, packed, spec, Path(model_dir), out)
-    timings["write_s"] = time.time() - t
+    clip_record: dict[str, Any] = {}
+
+    def finalize(folder: Path) -> None:  # inside the atomic write: the searched clip lands with the rest
+        timings["write_s"] = time.time() - t
+        if tune_clip:
+            clip_record.update(act_clip.tune(folder, calib_windows, opts.device))
+            timings["act_clip_s"] = clip_record["seconds"]
+
+    size = write_checkpoint(model, packed, spec, Path(model_dir), out, finalize=finalize)
     summary = {
         "model": str(model_dir), "out": str(out), "rotation": opts.rotation, "weights": opts.weights,
         "w_bits": opts.w_bits, "a_bits": opts.a_bits, "act_symmetric": opts.act_symmetric, "group_size": opts.group_size,
+        "act_clip_ratio": clip_record.get("chosen", spec.act_clip_ratio),
         "calib_tokens": spec.calibration["tokens"], "seconds": round(time.time() - t0, 1),
         "peak_memory_mb": round(peak_memory_mb(opts.device), 1), "output_mb": round(size / 2 ** 20, 1),
         **{k: round(v, 1) for k, v in timings.items()},
@@ -263,8 +286,9 @@ def _quantize_gptq(model, windows: torch.Tensor, opts: QuantizeOptions) -> dict[
 
 
 def write_checkpoint(model, packed: dict[str, tuple[torch.Tensor, torch.Tensor]], spec: RotQuantSpec,
-                     source_dir: Path, out: Path) -> int:
-    """Write config.json (+ quantization_config), safetensors and the tokenizer files atomically."""
+                     source_dir: Path, out: Path, finalize: Callable[[Path], None] | None = None) -> int:
+    """Write config.json (+ quantization_config), safetensors and the tokenizer files atomically;
+    `finalize(folder)` runs on the complete folder before it is renamed into place."""
     src_cfg = json.loads((source_dir / "config.json").read_text())
     dtype = {"float16": torch.float16}.get(src_cfg.get("torch_dtype") or src_cfg.get("dtype"), torch.bfloat16)
     tensors: dict[str, torch.Tensor] = {}
@@ -287,6 +311,8 @@ def write_checkpoint(model, packed: dict[str, tuple[torch.Tensor, torch.Tensor]]
             if f.is_file() and f.name != "config.json" and not f.name.endswith((".safetensors", ".bin", ".index.json", ".pt", ".gguf")):
                 shutil.copy2(f, tmp / f.name)
         size = sum(f.stat().st_size for f in tmp.iterdir())
+        if finalize is not None:
+            finalize(tmp)
     return size
 
 

@@ -181,7 +181,7 @@ def test_asymmetric_activations_end_to_end(src, tmp_path, calib_file, capsys):
     assert lin.act_symmetric is False and lin.w_sum is not None
     x = torch.randn(5, lin.in_features) + 0.5
     from vllm_rotquant.kernels import ops
-    q, s, z = ops.hadamard_quant_asym(x, lin.hadamard_block, 0.9, 4)
+    q, s, z = ops.hadamard_quant_asym(x, lin.hadamard_block, lin.clip, 4)
     want = ((q.float() - z.float()) * s) @ dequantize(lin.w_int, lin.scale).float().T
     assert torch.allclose(lin(x), want, rtol=1e-4, atol=1e-4)
     ids = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(3))

@@ -112,3 +112,19 @@ def test_dartquant_rotations_on_device_match_cpu(src, calib_file):
     torch.testing.assert_close(r1_dev, r1_cpu, rtol=0, atol=1e-4)
     for a, b in zip(r2_cpu, r2_dev):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-4)
+
+
+def test_act_clip_search_on_device_matches_cpu(src, calib_file, tmp_path):
+    """`--act-clip auto` on CUDA scores the clips through the Triton kernels: the calibration
+    losses agree with the CPU reference's to bf16 noise, and the lowest one is written."""
+    import json
+
+    recs = {}
+    for device in ("cpu", DEVICE):
+        out = tmp_path / device
+        _quantize(src, out, device, calib_file, weights="rtn")
+        qc = json.loads((out / "config.json").read_text())["quantization_config"]
+        recs[device] = rec = qc["calibration"]["act_clip"]
+        assert qc["act_clip_ratio"] == rec["chosen"] == float(min(rec["nll"], key=rec["nll"].get))
+    for clip in set(recs["cpu"]["nll"]) & set(recs[DEVICE]["nll"]):
+        assert recs[DEVICE]["nll"][clip] == pytest.approx(recs["cpu"]["nll"][clip], rel=2e-2), clip

@@ -1,0 +1,112 @@
+"""The activation clip search (`--act-clip auto`, `rotquant tune-clip`)."""
+import json
+
+import pytest
+import torch
+
+from hf_factory import build_hf_model
+from vllm_rotquant.offline import act_clip, cli, data, pipeline
+from vllm_rotquant.offline.evaluate import perplexity
+from vllm_rotquant.offline.model_io import load_tokenizer
+from vllm_rotquant.offline.simulate import load_simulated
+
+
+@pytest.mark.parametrize("best", act_clip.GRID)
+def test_descend_finds_the_minimum_of_a_unimodal_loss(best):
+    calls = []
+
+    def loss(c):
+        calls.append(c)
+        return (c - best) ** 2 + 0.01 * c  # unimodal on the grid, minimum at `best`
+
+    found, scores = act_clip.descend(loss)
+    assert found == best
+    assert len(calls) == len(set(calls)) == len(scores)  # every clip scored once
+    # a walk, not the whole grid: the path from 0.9 to the minimum plus at most two probes
+    assert len(calls) <= round(abs(best - act_clip.START) / 0.05) + 3
+    assert scores[found] == min(scores.values())
+
+
+def test_descend_stops_at_the_first_rise_and_rejects_nan():
+    # a second, deeper minimum behind a rise is not reached (the loss is assumed unimodal)
+    table = {0.9: 3.0, 0.85: 2.0, 0.8: 2.5, 0.75: 1.0, 0.95: 4.0}
+    found, scores = act_clip.descend(table.__getitem__)
+    assert found == 0.85 and set(scores) == {0.9, 0.85, 0.8}
+    with pytest.raises(FloatingPointError, match="clip 0.85"):
+        act_clip.descend(lambda c: float("nan") if c == 0.85 else 1.0)
+    with pytest.raises(ValueError, match="grid"):
+        act_clip.descend(lambda c: 0.0, start=0.42)
+
+
+def test_score_windows_takes_enough_whole_windows():
+    w = torch.zeros(10, 512, dtype=torch.long)
+    assert act_clip.score_windows(w, 4096).shape == (8, 512)
+    assert act_clip.score_windows(w, 100).shape == (1, 512)
+    assert act_clip.score_windows(torch.zeros(3, 2048, dtype=torch.long), 10**6).shape == (3, 2048)
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory):
+    return build_hf_model(tmp_path_factory.mktemp("llama"), "llama")
+
+
+def _quantize(src, out, **kw):
+    opts = pipeline.QuantizeOptions(**{"calib_tokens": 256, "calib_seq_len": 64, "batch_size": 2, **kw})
+    return pipeline.quantize_checkpoint(src, out, opts)
+
+
+def test_auto_clip_is_searched_written_and_served(src, tmp_path, calib_file):
+    """The default searches the clip: the written ratio is the lowest-loss one of those scored, the
+    record says so, and the served arithmetic at that ratio reproduces the recorded loss."""
+    out = tmp_path / "auto"
+    summary = _quantize(src, out, weights="gptq", calib=calib_file)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    rec = qc["calibration"]["act_clip"]
+    nll = {float(k): v for k, v in rec["nll"].items()}
+    assert 0.9 in nll and len(nll) >= 2
+    assert qc["act_clip_ratio"] == rec["chosen"] == summary["act_clip_ratio"] == min(nll, key=nll.get)
+    sim = load_simulated(out, torch.bfloat16)
+    assert all(m.clip == rec["chosen"] for m in sim.modules() if hasattr(m, "clip"))
+    ids = data.tokenize(load_tokenizer(src), data.load_text(calib_file))
+    win = act_clip.score_windows(data.calibration_windows(ids, 64, 256, 0))
+    assert rec["tokens"] == win.numel()
+    assert perplexity(sim, win, 1, progress=False)["nll"] == pytest.approx(nll[rec["chosen"]], abs=1e-4)
+
+
+def test_fixed_clip_and_a16_are_not_searched(src, tmp_path, calib_file, monkeypatch):
+    monkeypatch.setattr(act_clip, "search", lambda *a, **k: pytest.fail("searched a fixed clip"))
+    for kw in ({"act_clip_ratio": 0.8}, {"a_bits": 16}):
+        out = tmp_path / "fixed"
+        _quantize(src, out, weights="rtn", calib=calib_file, overwrite=True, **kw)
+        qc = json.loads((out / "config.json").read_text())["quantization_config"]
+        assert qc["act_clip_ratio"] == kw.get("act_clip_ratio", act_clip.START)
+        assert "act_clip" not in qc["calibration"]
+    with pytest.raises(ValueError, match="act_clip_ratio"):
+        _quantize(src, tmp_path / "bad", act_clip_ratio=1.5)
+
+
+def test_failed_search_leaves_no_checkpoint(src, tmp_path, calib_file, monkeypatch):
+    def boom(*a, **k):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(act_clip, "search", boom)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        _quantize(src, tmp_path / "ckpt", weights="rtn", calib=calib_file)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_act_clip_values_and_tune_clip(src, tmp_path, calib_file, capsys, caplog):
+    out = tmp_path / "ckpt"
+    assert cli.main(["quantize", str(src), str(out), "--weights", "rtn", "--act-clip", "0.5", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["act_clip_ratio"] == 0.5
+    with pytest.raises(SystemExit):
+        cli.main(["quantize", str(src), str(out), "--act-clip", "1.5"])
+    assert "expected 'auto' or a number in (0, 1]" in capsys.readouterr().err
+    # tune an existing checkpoint in place
+    assert cli.main(["tune-clip", str(out), "--calib", calib_file, "--calib-seq-len", "64", "--json"]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["act_clip_ratio"] == rec["chosen"] and qc["calibration"]["act_clip"] == rec
+    assert rec["chosen"] in act_clip.GRID and "0.90" in rec["nll"]
+    assert cli.main(["tune-clip", str(src), "--calib", calib_file]) == 2  # not a rotquant checkpoint
+    assert "not a rotquant checkpoint" in caplog.text
