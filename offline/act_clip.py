@@ -39,6 +39,13 @@ PATIENCE = 2  # steps past the best before a direction is given up (seed 0 of Sm
 SCORE_TOKENS = 4096  # calibration tokens per candidate (at least one window)
 
 
+def check_ratio(value: float | str) -> float | str:
+    """`value` if it is "auto" or a clip ratio in (0, 1]; ValueError naming the option otherwise."""
+    if value == "auto" or (not isinstance(value, bool) and isinstance(value, (int, float)) and 0.0 < value <= 1.0):
+        return value
+    raise ValueError(f"act_clip_ratio (--act-clip): expected 'auto' or a number in (0, 1], got {value!r}")
+
+
 def descend(score: Callable[[float], float], grid: tuple[float, ...] = GRID, start: float = START,
             patience: int = PATIENCE) -> tuple[float, dict[float, float]]:
     """Walk the grid from `start` toward lower `score`: first toward the next grid value (more

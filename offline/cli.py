@@ -17,15 +17,12 @@ def _table(rows: dict) -> str:
 
 
 def _clip_arg(text: str) -> float | str:
-    if text == "auto":
-        return text
+    from vllm_rotquant.offline.act_clip import check_ratio
+
     try:
-        value = float(text)
+        return check_ratio(text if text == "auto" else float(text))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected 'auto' or a number in (0, 1], got {text!r}") from None
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or a number in (0, 1], got {text!r}")
-    return value
 
 
 def cmd_fetch_model(args) -> int:

@@ -144,13 +144,6 @@ def initial_clip(opts: QuantizeOptions) -> float:
     return act_clip.START if opts.act_clip_ratio == "auto" else float(opts.act_clip_ratio)
 
 
-def check_act_clip(value: float | str) -> None:
-    if value == "auto":
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
-        raise ValueError(f"act_clip_ratio (--act-clip): expected 'auto' or a number in (0, 1], got {value!r}")
-
-
 def peak_memory_mb(device: str) -> float:
     if device.startswith("cuda") and torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2 ** 20
@@ -165,7 +158,7 @@ def quantize_checkpoint(model_dir: str | Path, out_dir: str | Path, opts: Quanti
         raise FileExistsError(f"{out} exists (pass --overwrite to replace it)")
     if opts.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    check_act_clip(opts.act_clip_ratio)
+    act_clip.check_ratio(opts.act_clip_ratio)
     tune_clip = opts.act_clip_ratio == "auto" and opts.a_bits < 16
     torch.manual_seed(opts.seed)
     model = load_hf_model(model_dir, torch.float32)
@@ -216,7 +209,7 @@ def quantize_checkpoint(model_dir: str | Path, out_dir: str | Path, opts: Quanti
         act_clip_ratio=initial_clip(opts), act_symmetric=opts.act_symmetric, rotation=opts.rotation, seed=opts.seed,
         down_proj_block=r4_block, qk_block=qk_block, tp_sizes=tp_sizes,
         calibration={
-            "method": opts.weights, "data": opts.calib if opts.weights == "gptq" or opts.rotation == "dartquant" else None,
+            "method": opts.weights, "data": opts.calib if needs_calib else None,
             "tokens": int(calib_windows.numel()) if calib_windows is not None else 0,
             "seq_len": opts.calib_seq_len, "damp": opts.gptq_damp if opts.weights == "gptq" else None,
             "dartquant": opts.dartquant if opts.rotation == "dartquant" else None,
