@@ -37,6 +37,7 @@ ROWS = {
     "W4A4 dartquant+GPTQ": ("dartquant", "gptq", 4, None),
     "W4A8 dartquant+RTN": ("dartquant", "rtn", 8, "W4A4 dartquant+RTN"),
     "W4A8 dartquant+GPTQ": ("dartquant", "gptq", 8, "W4A4 dartquant+GPTQ"),
+    "W4A16 dartquant+GPTQ": ("dartquant", "gptq", 16, "W4A4 dartquant+GPTQ"),
     "W4A4 hadamard+RTN asym": ("hadamard", "rtn", 4, "W4A4 hadamard+RTN"),
     "W4A4 hadamard+GPTQ asym": ("hadamard", "gptq", 4, "W4A4 hadamard+GPTQ"),
     "W4A4 dartquant+GPTQ asym": ("dartquant", "gptq", 4, "W4A4 dartquant+GPTQ"),
