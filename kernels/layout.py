@@ -21,17 +21,15 @@ from __future__ import annotations
 
 import torch
 
+from vllm_rotquant.format import signed_nibbles, unpack_int4
+
 __all__ = ["prepare_weight", "is_kernel_layout", "kernel_layout_to_int", "weight_in_features"]
 
 
 def _to_int4(w: torch.Tensor) -> torch.Tensor:
     """Canonical uint8 [N, K/2] or int8 [N, K] -> int8 [N, K] in [-8, 7]."""
     if w.dtype == torch.uint8:
-        lo = (w & 0x0F).to(torch.int8)
-        hi = (w >> 4).to(torch.int8)
-        lo = torch.where(lo > 7, lo - 16, lo)
-        hi = torch.where(hi > 7, hi - 16, hi)
-        return torch.stack((lo, hi), dim=-1).reshape(w.shape[0], w.shape[1] * 2)
+        return unpack_int4(w)
     if w.dtype == torch.int8:
         return w
     if w.dtype == torch.int32:
@@ -82,9 +80,5 @@ def kernel_layout_to_int(w: torch.Tensor) -> torch.Tensor:
     """Kernel layout int32 [N, K/8] -> int8 [N, K] (inverse of prepare_weight)."""
     if w.dtype != torch.int32:
         raise TypeError(f"kernel_layout_to_int expects int32, got {w.dtype}")
-    b = w.contiguous().view(torch.uint8)
-    lo = (b & 0x0F).to(torch.int8)
-    hi = (b >> 4).to(torch.int8)
-    lo = torch.where(lo > 7, lo - 16, lo)
-    hi = torch.where(hi > 7, hi - 16, hi)
+    lo, hi = signed_nibbles(w.contiguous().view(torch.uint8))
     return torch.cat((lo, hi), dim=1)

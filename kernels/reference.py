@@ -1,4 +1,5 @@
-"""Torch reference implementations: they *define* the semantics every kernel must reproduce.
+"""The numerics of rotquant, defined once: every kernel, the offline calibrator, the simulation
+and the tests use these functions (packing lives in vllm_rotquant/format.py, the checkpoint format).
 
 - Activations: per-token symmetric quantization, computed in float32:
   scale = clip * max|x| / qmax (qmax = 2^(bits-1) - 1; an all-zero row gets scale 1),
@@ -27,6 +28,7 @@ _FP32_EXACT = 2 ** 24
 
 
 def qmax(bits: int) -> int:
+    """Largest signed level of a `bits`-bit symmetric quantizer (7 for INT4): range [-qmax-1, qmax]."""
     return 2 ** (bits - 1) - 1
 
 
@@ -41,6 +43,7 @@ def quant_act_ref(x: torch.Tensor, clip: float, bits: int) -> tuple[torch.Tensor
 
 
 def levels(bits: int) -> int:
+    """Number of steps of a `bits`-bit asymmetric quantizer (15 for INT4)."""
     return 2 ** bits - 1
 
 
@@ -55,6 +58,28 @@ def quant_act_asym_ref(x: torch.Tensor, clip: float, bits: int) -> tuple[torch.T
     half = 2 ** (bits - 1)
     q = (torch.clamp(torch.round(xf / scale) + u, 0, levels(bits)) - half).to(torch.int8)
     return q, scale, (u - half).to(torch.int32)
+
+
+def dequant_act_ref(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 scale * (q - zero) of quantized activations (zero None: symmetric)."""
+    if zero is None:
+        return q.float() * scale
+    return (q.float() - zero.float()) * scale
+
+
+def fake_quant_act(x: torch.Tensor, clip: float, bits: int, symmetric: bool = True) -> torch.Tensor:
+    """Per-token quantize then dequantize x (what a served linear's input becomes), in x's dtype."""
+    if symmetric:
+        return dequant_act_ref(*quant_act_ref(x, clip, bits)).to(x.dtype)
+    return dequant_act_ref(*quant_act_asym_ref(x, clip, bits)).to(x.dtype)
+
+
+def quantize_weight_ref(w: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
+    """int8 [N, K] = clamp(round_half_even(w / scale)) with scales [N, G] (G groups along K), in float64."""
+    n, k = w.shape
+    g = k // scales.shape[1]
+    q = torch.round(w.double().reshape(n, -1, g) / scales.double()[..., None])
+    return torch.clamp(q, -qmax(bits) - 1, qmax(bits)).reshape(n, k).to(torch.int8)
 
 
 def weight_sums_ref(w_int: torch.Tensor, groups: int) -> torch.Tensor:
@@ -123,9 +148,10 @@ def w4a4_gemm_ref(qa: torch.Tensor, sa: torch.Tensor, w_int: torch.Tensor, sw: t
     return out.to(out_dtype)
 
 
-def dequant_weight_ref(w_int: torch.Tensor, sw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """int8 [N, K] x scale [N, G] -> float weight [N, K] (for W4A16)."""
+def dequant_weight_ref(w_int: torch.Tensor, sw: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """int8 [N, K] x scale [N, G] -> weight [N, K] in `dtype`: the exact product (float64), rounded
+    once (W4A16 serving, GPTQ's error feedback, the tests)."""
     n, k = w_int.shape
     groups = sw.shape[1]
-    w = w_int.float().reshape(n, groups, k // groups) * sw.float()[:, :, None]
+    w = w_int.double().reshape(n, groups, k // groups) * sw.double()[:, :, None]
     return w.reshape(n, k).to(dtype)

@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from vllm_rotquant.kernels import reference as ref
 from vllm_rotquant.kernels.hadamard import hadamard_factors, hadamard_matrix
 from vllm_rotquant.kernels.triton_gemm import num_sms
 
@@ -325,7 +326,7 @@ def _hadamard_quant_kernel(x_ptr, q_ptr, s_ptr, z_ptr, f_ptr, hb_ptr, ha_ptr, M,
 def _qmax(bits: int) -> int:
     if bits not in (4, 8):
         raise ValueError(f"activation bits must be 4 or 8, got {bits}")
-    return 2 ** (bits - 1) - 1
+    return ref.qmax(bits)
 
 
 def _next_pow2(n: int) -> int:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from vllm_rotquant.kernels.reference import quant_act_asym_ref, quant_act_ref
+from vllm_rotquant.kernels.reference import dequant_weight_ref, fake_quant_act
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +62,7 @@ def int4_mse(x: torch.Tensor, clip: float = 0.9, bits: int = 4, symmetric: bool 
     """Relative MSE ||x - deq(q(x))||^2 / ||x||^2 of per-token quantization (symmetric, or with a
     zero point), token mean."""
     x = x.float().flatten(1)
-    if symmetric:
-        q, s = quant_act_ref(x, clip, bits)
-        deq = q.float() * s
-    else:
-        q, s, z = quant_act_asym_ref(x, clip, bits)
-        deq = (q.float() - z.float()) * s
+    deq = fake_quant_act(x, clip, bits, symmetric)
     return float(((deq - x).pow(2).sum(-1) / x.pow(2).sum(-1).clamp_min(1e-30)).mean())
 
 
@@ -103,10 +98,7 @@ def _recover_from_checkpoint(ckpt: Path, src_model) -> tuple[torch.Tensor, list[
     r2 = []
     for i, layer in enumerate(rotate.layers_of(src_model)):
         stem = f"model.layers.{i}.self_attn.v_proj"
-        w_int = unpack_int4(tensors[f"{stem}.weight_packed"]).double()
-        scale = tensors[f"{stem}.weight_scale"].double()
-        g = w_int.shape[1] // scale.shape[1]
-        w_ck = (w_int.reshape(w_int.shape[0], -1, g) * scale[..., None]).reshape(w_int.shape)
+        w_ck = dequant_weight_ref(unpack_int4(tensors[f"{stem}.weight_packed"]), tensors[f"{stem}.weight_scale"])
         a = (layer.self_attn.v_proj.weight.detach().double() @ r1).reshape(nkv, hd, -1)
         b = w_ck.reshape(nkv, hd, -1)
         # b[h] ~ R2[h]^T a[h]  ->  b[h]^T ~ a[h]^T R2[h]

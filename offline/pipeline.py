@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from vllm_rotquant.format import QUANTIZED_PROJECTIONS, RotQuantSpec, pack_int4
 from vllm_rotquant.kernels.hadamard import largest_block, rotation_matrix
 from vllm_rotquant.kernels.layout import gemm_group_supported
+from vllm_rotquant.kernels.reference import dequant_weight_ref
 from vllm_rotquant.offline import act_clip, calibrate, data, quantize, rotate
 from vllm_rotquant.offline.model_io import atomic_folder, load_hf_model, load_tokenizer
 
@@ -272,7 +273,7 @@ def _quantize_gptq(model, windows: torch.Tensor, opts: QuantizeOptions) -> dict[
             for n, m in mods.items():
                 q, s = quantize.gptq(m.weight.data, acc.h, opts.w_bits, opts.group_size, damp=opts.gptq_damp)
                 packed[f"model.layers.{i}.{parent}.{n}"] = (q.cpu(), s.cpu())
-                m.weight.data = quantize.dequantize(q, s).to(m.weight.dtype)
+                m.weight.data = dequant_weight_ref(q, s, m.weight.dtype)
         inputs.hidden = calibrate.run_layer(layer, inputs)
         layer.to("cpu")
     return packed

@@ -7,11 +7,9 @@ import math
 
 import torch
 
+from vllm_rotquant.kernels.reference import qmax, quantize_weight_ref
+
 CLIP_GRID = torch.linspace(1.0, 0.5, 21).tolist()
-
-
-def qmax(bits: int) -> int:
-    return 2 ** (bits - 1) - 1
 
 
 def _grouped(w: torch.Tensor, group_size: int | None) -> torch.Tensor:
@@ -39,24 +37,10 @@ def search_scales(w: torch.Tensor, bits: int, group_size: int | None, norm: floa
     return best
 
 
-def quantize_with_scales(w: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
-    """int8 [N, K] from float w and scales [N, G]."""
-    n, k = w.shape
-    g = k // scales.shape[1]
-    q = torch.round(w.double().reshape(n, -1, g) / scales.double()[..., None])
-    return torch.clamp(q, -qmax(bits) - 1, qmax(bits)).reshape(n, k).to(torch.int8)
-
-
-def dequantize(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    n, k = q.shape
-    g = k // scales.shape[1]
-    return (q.double().reshape(n, -1, g) * scales.double()[..., None]).reshape(n, k)
-
-
 def rtn(w: torch.Tensor, bits: int = 4, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Round-to-nearest with clipping search -> (int8 [N, K], scales [N, G] float32)."""
     scales = search_scales(w, bits, group_size)
-    return quantize_with_scales(w, scales, bits), scales.float()
+    return quantize_weight_ref(w, scales, bits), scales.float()
 
 
 def gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group_size: int | None = None,

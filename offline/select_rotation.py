@@ -23,19 +23,13 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from vllm_rotquant.kernels.reference import quant_act_asym_ref, quant_act_ref
+from vllm_rotquant.kernels.reference import dequant_weight_ref, fake_quant_act
 from vllm_rotquant.offline import calibrate, quantize, rotate
 
 
 def _fake_quant_hook(clip: float, bits: int, symmetric: bool = True):
     def hook(module, args):
-        if symmetric:
-            q, s = quant_act_ref(args[0], clip, bits)
-            x = q.float() * s
-        else:
-            q, s, z = quant_act_asym_ref(args[0], clip, bits)
-            x = (q.float() - z.float()) * s
-        return (x.to(args[0].dtype), *args[1:])
+        return (fake_quant_act(args[0], clip, bits, symmetric), *args[1:])
     return hook
 
 
@@ -52,7 +46,7 @@ def _quantized_layer(layer, r1: torch.Tensor, r2: torch.Tensor, r4_block: int | 
     for _, lin in rotate.quantized_linears(q):
         if w_bits is not None:
             w, s = quantize.rtn(lin.weight.data, w_bits, group_size)
-            lin.weight.data = quantize.dequantize(w, s).to(lin.weight.dtype)
+            lin.weight.data = dequant_weight_ref(w, s, lin.weight.dtype)
         if a_bits < 16:
             lin.register_forward_pre_hook(_fake_quant_hook(clip, a_bits, act_symmetric))
     return q

@@ -4,8 +4,8 @@
 (packed INT4 `weight_packed` + `weight_scale` for q/k/v/o/gate/up/down, bf16 embeddings,
 norms and lm_head, `quantization_config` from `RotQuantSpec.to_dict()`), with a small byte-level
 BPE tokenizer trained on an embedded text. `mutate` lets a test corrupt tensors or the config to
-produce bad checkpoints. `reference_logprobs` runs the same model in plain torch, every projection
-through `rotquant_linear` (the arithmetic the offline simulation uses), to check vLLM against it.
+produce bad checkpoints. `reference_logprobs` runs the checkpoint through the offline simulation
+(`vllm_rotquant.offline.simulate`, the arithmetic `rotquant eval` uses), to check vLLM against it.
 
 Everything is seeded: the same arguments give the same bytes.
 """
@@ -125,57 +125,14 @@ def with_config(src: str | Path, dst: str | Path, edit: Callable[[dict[str, Any]
 
 
 # ----------------------------------------------------------------------------- reference
-class _SimLinear(torch.nn.Module):
-    """A projection of a rotquant checkpoint, run through the shared reference arithmetic."""
-
-    def __init__(self, w_packed: torch.Tensor, scale: torch.Tensor, spec: RotQuantSpec, block: int | None):
-        super().__init__()
-        from vllm_rotquant.format import unpack_int4
-
-        self.register_buffer("w", unpack_int4(w_packed))
-        self.register_buffer("s", scale)
-        self.spec, self.block = spec, block
-
-    def forward(self, x):
-        from vllm_rotquant.kernels.ops import rotquant_linear
-
-        return rotquant_linear(x, self.w, self.s, None, self.spec.act_bits, self.spec.act_clip_ratio, self.block,
-                               self.spec.act_symmetric)
-
-
-def load_reference_model(ckpt: str | Path, dtype: torch.dtype = torch.bfloat16):
-    """The checkpoint as a transformers LlamaForCausalLM whose projections run rotquant_linear."""
-    from safetensors.torch import load_file
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    ckpt = Path(ckpt)
-    cfg = json.loads((ckpt / "config.json").read_text())
-    spec = RotQuantSpec.from_dict(cfg["quantization_config"])
-    hf_cfg = LlamaConfig(**{k: v for k, v in cfg.items() if k != "quantization_config"})
-    hf_cfg._attn_implementation = "eager"
-    model = LlamaForCausalLM(hf_cfg).to(dtype).eval()
-    tensors: dict[str, torch.Tensor] = {}
-    for f in sorted(ckpt.glob("*.safetensors")):
-        tensors.update(load_file(str(f)))
-    dense = {k: v for k, v in tensors.items() if not k.endswith((PACKED_SUFFIX, SCALE_SUFFIX))}
-    missing, unexpected = model.load_state_dict(dense, strict=False)
-    assert not unexpected, unexpected
-    for i, layer in enumerate(model.model.layers):
-        for name in linear_shapes(cfg):
-            parent_name, proj = name.split(".")
-            parent = getattr(layer, parent_name)
-            stem = f"model.layers.{i}.{name}"
-            block = spec.down_proj_block if proj == "down_proj" else None
-            setattr(parent, proj, _SimLinear(tensors[f"{stem}.{PACKED_SUFFIX}"],
-                                             tensors[f"{stem}.{SCALE_SUFFIX}"], spec, block))
-    return model
-
-
 @torch.no_grad()
 def reference_logprobs(ckpt: str | Path, token_ids: list[int], dtype: torch.dtype = torch.bfloat16) -> list[float]:
-    """log p(token_i | tokens_<i) for i >= 1 under the torch reference of the checkpoint."""
-    model = load_reference_model(ckpt, dtype)
+    """log p(token_i | tokens_<i) for i >= 1 under the offline simulation of the checkpoint
+    (`rotquant eval`'s model: every projection through `rotquant_linear`, R3 and R4 online)."""
+    from vllm_rotquant.offline.simulate import load_simulated
+
+    model = load_simulated(ckpt, dtype)
     ids = torch.tensor([token_ids])
-    logits = model(ids).logits.float()[0, :-1]
+    logits = model(input_ids=ids, use_cache=False).logits.float()[0, :-1]
     lp = torch.log_softmax(logits, dim=-1)
     return lp.gather(1, ids[0, 1:, None])[:, 0].tolist()

@@ -10,7 +10,7 @@ from hf_factory import build_hf_model
 from vllm_rotquant.format import CheckpointError, RotQuantSpec, unpack_int4
 from vllm_rotquant.offline import cli, pipeline, rotate
 from vllm_rotquant.offline.model_io import load_hf_model
-from vllm_rotquant.offline.quantize import dequantize
+from vllm_rotquant.kernels.reference import dequant_weight_ref as dequantize
 from vllm_rotquant.offline.simulate import load_simulated
 
 

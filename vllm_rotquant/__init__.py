@@ -7,5 +7,9 @@ __version__ = "0.1.0"
 
 
 def register() -> None:
-    """Register the `rotquant` quantization method with vLLM (called in every vLLM process)."""
+    """Register the `rotquant` quantization method with vLLM (called in every vLLM process).
+    An unsupported vLLM is refused here, with the supported range (vllm_rotquant.compat)."""
+    from vllm_rotquant import compat
+
+    compat.check_vllm()
     from vllm_rotquant import config  # noqa: F401  (decorated with @register_quantization_config)

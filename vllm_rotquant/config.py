@@ -24,8 +24,8 @@ from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
 from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
-from vllm.model_executor.layers.quantization.utils.quant_utils import is_layer_skipped
 
+from vllm_rotquant.compat import is_ignored
 from vllm_rotquant.format import QUANT_METHOD, CheckpointError, RotQuantSpec, validate_tensors
 
 log = init_logger("vllm.rotquant")  # under vLLM's logger, so it prints in vLLM's format
@@ -122,9 +122,7 @@ class RotQuantConfig(QuantizationConfig):
 
         if isinstance(layer, LinearBase):
             name = prefix.rsplit(".", 1)[-1]
-            if (name not in QUANTIZED_LAYER_NAMES
-                    or is_layer_skipped(prefix, list(self.spec.ignore), self.packed_modules_mapping,
-                                        match_mode="suffix")):
+            if name not in QUANTIZED_LAYER_NAMES or is_ignored(prefix, self.spec.ignore, self.packed_modules_mapping):
                 return UnquantizedLinearMethod()
             return RotQuantLinearMethod(self, prefix)
         if isinstance(layer, Attention) and self.spec.qk_block:

@@ -202,14 +202,18 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     return u[..., 0::2] | (u[..., 1::2] << 4)
 
 
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """uint8 [out, in/2] -> int8 [out, in] in [-8, 7] (inverse of pack_int4)."""
+def signed_nibbles(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 bytes -> (low nibble, high nibble) as two's-complement int8 in [-8, 7]."""
     if packed.dtype != torch.uint8:
-        raise TypeError(f"unpack_int4 expects uint8, got {packed.dtype}")
+        raise TypeError(f"expected uint8 packed INT4, got {packed.dtype}")
     lo = (packed & 0x0F).to(torch.int8)
     hi = (packed >> 4).to(torch.int8)
-    lo = lo - ((lo >= 8).to(torch.int8) << 4)
-    hi = hi - ((hi >= 8).to(torch.int8) << 4)
+    return lo - ((lo >= 8).to(torch.int8) << 4), hi - ((hi >= 8).to(torch.int8) << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [out, in/2] -> int8 [out, in] in [-8, 7] (inverse of pack_int4)."""
+    lo, hi = signed_nibbles(packed)
     return torch.stack((lo, hi), dim=-1).flatten(-2)
 
 
