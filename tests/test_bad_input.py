@@ -551,6 +551,6 @@ def test_openai_server_refuses_bad_checkpoints_fast_in_one_line(bad_checkpoints,
         left = {n for n in shm_objects() - before if (SHM_DIR / n).stat().st_ino not in busy}
         assert not left, (case, left)  # stop() removed what the server left
     print("server refusal times (s):", {k: round(v, 1) for k, v in times.items()})
-    # measured 2026-12-01 on the shared 2-core CI box: 13-21 s each, nearly all of it vLLM's own
+    # measured 2026-12-01 on the shared 2-core box: 15-24 s each, nearly all of it vLLM's own
     # imports (a missing tensor found at weight load took 21 s *after* those, with a traceback)
     assert max(times.values()) < 90, times

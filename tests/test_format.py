@@ -289,22 +289,6 @@ def test_update_config_is_atomic_and_validated(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]  # no temporary left
 
 
-def test_set_clip_goes_through_update_config(tmp_path, monkeypatch):
-    from vllm_rotquant import format as fmt
-    from vllm_rotquant.offline import act_clip
-
-    (tmp_path / "config.json").write_text(json.dumps(dict(CFG, quantization_config=_spec_dict())))
-    calls = []
-    real = fmt.update_config
-    monkeypatch.setattr(act_clip, "update_config", lambda *a: calls.append(a) or real(*a))
-    act_clip.set_clip(tmp_path, 0.8, {"chosen": 0.8})
-    qc = fmt.read_config(tmp_path)["quantization_config"]
-    assert calls and qc["act_clip_ratio"] == 0.8 and qc["calibration"]["act_clip"] == {"chosen": 0.8}
-    (tmp_path / "config.json").write_text(json.dumps(CFG))
-    with pytest.raises(CheckpointError, match="no quantization_config to set the activation clip in"):
-        act_clip.set_clip(tmp_path, 0.8)
-
-
 def test_incomplete_marker_refused_except_for_its_writer(tmp_path):
     from vllm_rotquant import format as fmt
 
