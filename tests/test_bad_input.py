@@ -246,19 +246,27 @@ def test_server_startup_refusal_is_one_line(case, bad_checkpoints):
     assert str(bad_checkpoints[case]) in message
 
 
-def test_refusal_hook_finds_our_cause_and_leaves_other_errors_alone():
+def test_refusal_hook_prints_one_line_and_passes_other_errors_on(monkeypatch):
     pytest.importorskip("vllm")
     from vllm_rotquant import config
 
-    hook = sys.excepthook
-    assert getattr(hook, "_rotquant", False)  # installed when vLLM imports the plugin
+    passed_on = []
+    monkeypatch.setattr(sys, "excepthook", lambda tp, e, tb: passed_on.append(e))
     config.install_refusal_hook()
-    assert sys.excepthook is hook  # once per process, not stacked
+    hook = sys.excepthook
+    config.install_refusal_hook()
+    assert sys.excepthook is hook  # once, not stacked
+    lines = []
+    monkeypatch.setattr(config.log, "error", lambda fmt, *args: lines.append(fmt % args))
     try:
         raise ValueError("wrapper") from CheckpointError("/x/model.safetensors: tensor 'a' has shape (1,)")
     except ValueError as e:
-        assert config.bad_input_message(e) == "/x/model.safetensors: tensor 'a' has shape (1,)"
-    assert config.bad_input_message(RuntimeError("unrelated")) is None
+        hook(type(e), e, e.__traceback__)
+    assert lines == ["rotquant: refusing to serve: /x/model.safetensors: tensor 'a' has shape (1,)"]
+    assert passed_on == []
+    other = RuntimeError("unrelated")
+    hook(RuntimeError, other, None)
+    assert passed_on == [other] and len(lines) == 1
     # a JSON error that names no file is not ours to rephrase
     try:
         json.loads("{")
