@@ -20,7 +20,6 @@ arithmetic is float64, so a 7B model on the CPU is better quantized with a fixed
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -29,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from vllm_rotquant.format import CheckpointError
+from vllm_rotquant.format import CheckpointError, update_config
 
 log = logging.getLogger(__name__)
 
@@ -115,18 +114,19 @@ def search(checkpoint: str | Path, windows: torch.Tensor, device: str = "cpu",
 
 def set_clip(checkpoint: str | Path, clip: float, record: dict | None = None) -> None:
     """Write `clip` into the checkpoint's quantization_config (and `record` under
-    calibration.act_clip), replacing config.json in one rename."""
+    calibration.act_clip): `format.update_config` validates the result and replaces config.json
+    in one rename."""
     path = Path(checkpoint) / "config.json"
-    config = json.loads(path.read_text())
-    qc = config.get("quantization_config")
-    if not isinstance(qc, dict):
-        raise CheckpointError(f"{path}: no quantization_config to set the activation clip in")
-    qc["act_clip_ratio"] = clip
-    if record is not None:
-        qc.setdefault("calibration", {})["act_clip"] = record
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+
+    def edit(config: dict) -> None:
+        qc = config.get("quantization_config")
+        if not isinstance(qc, dict):
+            raise CheckpointError(f"{path}: no quantization_config to set the activation clip in")
+        qc["act_clip_ratio"] = clip
+        if record is not None:
+            qc.setdefault("calibration", {})["act_clip"] = record
+
+    update_config(checkpoint, edit)
 
 
 def tune(checkpoint: str | Path, windows: torch.Tensor, device: str = "cpu") -> dict:

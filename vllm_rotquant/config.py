@@ -1,10 +1,12 @@
 """`RotQuantConfig`: vLLM's view of a rotquant checkpoint (registered as quantization "rotquant").
 
 vLLM builds it from `config.json["quantization_config"]` (`from_config`), then calls
-`maybe_update_config` with the model folder: there the checkpoint's tensor names, shapes and dtypes
-are checked from the safetensors headers (no tensor data is read), so a bad checkpoint stops the
-server at startup with one `CheckpointError` naming the tensor or field, before any engine
-process starts. The per-layer methods then come from `get_quant_method`:
+`maybe_update_config` with the model folder while it builds its config, before any engine process
+starts or any weight is loaded: there the checkpoint gets the same validation `rotquant eval` runs
+(`format.validate_checkpoint`: config, TP rules, safetensors headers and coverage, every tensor's
+name, shape and dtype, finite values), so a bad checkpoint stops the server at startup with one
+line naming the file and the tensor or field (`install_refusal_hook`: no traceback). The
+per-layer methods then come from `get_quant_method`:
 
 - q/k/v (merged `qkv_proj`), `o_proj`, gate/up (merged `gate_up_proj`), `down_proj`:
   `RotQuantLinearMethod` (packed INT4 weights, per-token activation quantization, R4 on down_proj);
@@ -14,7 +16,9 @@ process starts. The per-layer methods then come from `get_quant_method`:
 from __future__ import annotations
 
 import json
-import struct
+import re
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,36 +30,64 @@ from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
 
 from vllm_rotquant.compat import is_ignored
-from vllm_rotquant.format import QUANT_METHOD, CheckpointError, RotQuantSpec, validate_tensors
+from vllm_rotquant.format import QUANT_METHOD, CheckpointError, RotQuantSpec, validate_checkpoint
 
 log = init_logger("vllm.rotquant")  # under vLLM's logger, so it prints in vLLM's format
 
-# safetensors header dtype names -> torch dtypes (only the ones a checkpoint may reasonably hold)
-_ST_DTYPES = {
-    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
-    "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
-    "F64": torch.float64, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
+
+# ----------------------------------------------------------------------------- refusals
+def bad_input_message(exc: BaseException) -> str | None:
+    """The one-line reason when an uncaught exception is a refused input, None otherwise.
+
+    vLLM 0.32 runs `maybe_update_config` inside pydantic's validation of `VllmConfig`, which wraps
+    our CheckpointError in a `ValidationError`; uncaught, that prints a 40-line traceback. A
+    config.json that is not JSON fails earlier, in transformers (an OSError from a JSONDecodeError,
+    84 lines). Both are found here, through causes, contexts and pydantic's error list."""
+    seen: set[int] = set()
+    todo, chain = [exc], []
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        chain.append(e)
+        if isinstance(e, CheckpointError):
+            return str(e).replace("\n", " ")
+        errors = getattr(e, "errors", None)
+        if callable(errors) and type(e).__name__ == "ValidationError":  # pydantic
+            try:
+                todo.extend(err.get("ctx", {}).get("error") for err in errors())
+            except Exception:  # noqa: BLE001 - a foreign exception type; look no further into it
+                pass
+        todo.extend((e.__cause__, e.__context__))
+    decode = next((e for e in chain if isinstance(e, json.JSONDecodeError)), None)
+    if decode is not None:  # only where an exception names the file (transformers' "config file at '...'")
+        for e in chain:
+            m = re.search(r"'([^']+\.json)'", str(e))
+            if m:
+                return f"{m.group(1)}: invalid JSON: {decode}"
+    return None
 
 
-def read_safetensors_headers(model_dir: str | Path) -> dict[str, tuple[tuple[int, ...], torch.dtype | str]]:
-    """{tensor name: (shape, dtype)} of every *.safetensors file in model_dir, from headers only."""
-    out: dict[str, tuple[tuple[int, ...], torch.dtype | str]] = {}
-    files = sorted(Path(model_dir).glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{model_dir}: no *.safetensors files (rotquant checkpoints are safetensors only)")
-    for f in files:
-        try:
-            with open(f, "rb") as fh:
-                (n,) = struct.unpack("<Q", fh.read(8))
-                header = json.loads(fh.read(n))
-        except (OSError, struct.error, ValueError) as e:
-            raise CheckpointError(f"{f}: unreadable safetensors header ({e})") from None
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            out[name] = (tuple(info["shape"]), _ST_DTYPES.get(info["dtype"], info["dtype"]))
-    return out
+def install_refusal_hook() -> None:
+    """Print a refused input (bad checkpoint, config.json not JSON) as one error line instead of
+    a traceback when it ends a vLLM process; every other exception goes to the previous hook.
+    Installed once per process when vLLM imports this module (through `register()`)."""
+    previous = sys.excepthook
+    if getattr(previous, "_rotquant", False):
+        return
+
+    def hook(exc_type, exc, tb):
+        message = bad_input_message(exc) if isinstance(exc, Exception) else None
+        if message is None:
+            return previous(exc_type, exc, tb)
+        log.error("rotquant: refusing to serve: %s", message)
+
+    hook._rotquant = True
+    sys.excepthook = hook
+
+
+install_refusal_hook()
 
 
 @register_quantization_config(QUANT_METHOD)
@@ -97,24 +129,26 @@ class RotQuantConfig(QuantizationConfig):
         return cls(RotQuantSpec.from_dict(config, source="config.json: quantization_config"))
 
     def maybe_update_config(self, model_name: str, hf_config=None, revision: str | None = None):
-        """Validate the checkpoint against the spec before any weight is loaded."""
+        """Validate the checkpoint before any weight is loaded (vLLM calls this while it builds its
+        config, in the API server process): the same checks as `rotquant eval`."""
         model_dir = Path(model_name)
-        if hf_config is not None:
-            cfg = hf_config.to_dict()
-            self.spec.check_model_config(cfg, source=f"{model_name}/config.json")
         if not model_dir.is_dir():
+            if hf_config is not None:
+                self.spec.check_model_config(hf_config.to_dict(), source=f"{model_name}/config.json")
             # Hub ids are resolved later by the loader; the load-time checks in the linear
             # method still catch missing or mis-shaped tensors there.
             log.warning("rotquant: %s is not a local folder; tensor headers are checked at load time only",
                         model_name)
             return
-        if hf_config is None:
-            cfg = json.loads((model_dir / "config.json").read_text())
-        validate_tensors(self.spec, cfg, read_safetensors_headers(model_dir), source=str(model_dir))
+        t0 = time.monotonic()
+        validate_checkpoint(model_dir)
+        if hf_config is not None:  # vLLM's view of the config (it may carry --hf-overrides)
+            self.spec.check_model_config(hf_config.to_dict(), source=f"{model_name}/config.json")
         sp = self.spec
-        log.info("rotquant: checkpoint %s validated (W%dA%d %s, rotation %s, group %s, R4 block %s, R3 block %s)",
-                 model_name, sp.weight_bits, sp.act_bits, "symmetric" if sp.act_symmetric else "asymmetric",
-                 sp.rotation, sp.group_size, sp.down_proj_block, sp.qk_block)
+        log.info("rotquant: checkpoint %s validated in %.1f s (W%dA%d %s, rotation %s, group %s, R4 block %s, "
+                 "R3 block %s)", model_name, time.monotonic() - t0, sp.weight_bits, sp.act_bits,
+                 "symmetric" if sp.act_symmetric else "asymmetric", sp.rotation, sp.group_size,
+                 sp.down_proj_block, sp.qk_block)
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
         from vllm_rotquant.linear_method import QUANTIZED_LAYER_NAMES, RotQuantLinearMethod

@@ -1,15 +1,27 @@
-"""Checkpoint format v1 of rotquant: the one place that knows names, schema and packing.
+"""Checkpoint format v1 of rotquant: the one place that knows names, schema and packing, and the
+one place that reads and writes a checkpoint's config.json and safetensors files.
 
-Both the offline calibrator (writer) and the vLLM plugin (reader) import this module, so the
-format cannot drift between them. See DESIGN.md section 3.
+Both the offline calibrator (writer, `rotquant eval`'s simulation) and the vLLM plugin (reader, at
+server start) import this module, so the format and its checks cannot drift between them. See
+DESIGN.md section 3. `validate_checkpoint` is the one validation both run before any weight is
+used: config.json, the quantization_config and its TP-divisibility rules, every safetensors
+header (bounded, fully covering its file), every tensor's name, shape and dtype against the
+model config, and finite values in every floating tensor. Each refusal is one `CheckpointError`
+line naming the file and the tensor or field.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
+import mmap
+import os
+import socket
+import struct
+import tempfile
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable, NamedTuple
 
 import torch
 
@@ -23,6 +35,11 @@ ROTATIONS = ("none", "hadamard", "dartquant")
 SUPPORTED_WEIGHT_BITS = (4,)
 SUPPORTED_ACT_BITS = (4, 8, 16)
 SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # embeddings, norms, lm_head, biases
+INDEX_FILE = "model.safetensors.index.json"
+# Written into a checkpoint folder while `rotquant quantize` fills it and removed just before the
+# final rename: a folder that still holds it is an interrupted run's output, never a checkpoint.
+INCOMPLETE_MARKER = ".rotquant-incomplete"
 
 
 class CheckpointError(ValueError):
@@ -131,26 +148,70 @@ class RotQuantSpec:
         )
 
     def check_model_config(self, config: dict[str, Any], source: str = "config.json") -> None:
-        """Check this spec against the model's shapes (architecture, R4 block vs TP, groups)."""
+        """Check this spec against the model's shapes: the architecture, the dimensions config.json
+        must hold, and every divisibility rule the served layers need at each recorded TP size
+        (INT4 packing, weight groups, the R4 block), so that vLLM's `create_weights` cannot fail
+        later on a checkpoint that passed here."""
         archs = config.get("architectures") or []
-        if not archs or archs[0] not in SUPPORTED_ARCHITECTURES:
+        if not isinstance(archs, list) or not archs or archs[0] not in SUPPORTED_ARCHITECTURES:
             raise CheckpointError(
-                f"{source}.architectures: unsupported architecture {archs!r} "
+                f"{source}: architectures: unsupported architecture {archs!r} "
                 f"(rotquant supports {', '.join(SUPPORTED_ARCHITECTURES)})")
-        inter = config.get("intermediate_size")
-        if self.down_proj_block:
-            for tp in self.tp_sizes:
-                if inter % tp or (inter // tp) % self.down_proj_block:
-                    raise CheckpointError(
-                        f"{source}: online_hadamard.down_proj.block {self.down_proj_block} does not divide "
-                        f"intermediate_size/tp = {inter}/{tp}")
-        head_dim = head_dim_of(config)
-        if self.qk_block and head_dim % self.qk_block:
-            raise CheckpointError(f"{source}: online_hadamard.qk.block {self.qk_block} does not divide head_dim {head_dim}")
-        if self.group_size:
-            for name, width in (("hidden_size", config["hidden_size"]), ("intermediate_size", inter)):
-                if width % self.group_size:
-                    raise CheckpointError(f"{source}: group_size {self.group_size} does not divide {name} {width}")
+        dims = model_dims(config, source)
+        hidden, inter, nq, nkv, hd = (dims[k] for k in ("hidden", "inter", "heads", "kv_heads", "head_dim"))
+        if self.qk_block and hd % self.qk_block:
+            raise CheckpointError(f"{source}: online_hadamard.qk.block {self.qk_block} does not divide head_dim {hd}")
+        group = self.group_size
+        tp_field = "quantization_config.online_hadamard.down_proj.tp_sizes"
+        widths = [("hidden_size (q/k/v/gate/up input)", hidden, None)]
+        for tp in self.tp_sizes:
+            if nq % tp or (nkv % tp and tp % nkv):
+                raise CheckpointError(
+                    f"{source}: {tp_field} lists tp {tp}, but num_attention_heads {nq} / num_key_value_heads "
+                    f"{nkv} cannot be split over {tp} ranks")
+            if inter % tp:
+                raise CheckpointError(f"{source}: {tp_field} lists tp {tp}, which does not divide "
+                                      f"intermediate_size {inter}")
+            widths.append((f"o_proj input per rank at tp {tp}", nq * hd // tp, tp))
+            widths.append((f"down_proj input per rank at tp {tp}", inter // tp, tp))
+            if self.down_proj_block and (inter // tp) % self.down_proj_block:
+                raise CheckpointError(
+                    f"{source}: online_hadamard.down_proj.block {self.down_proj_block} does not divide "
+                    f"intermediate_size/tp = {inter}/{tp}")
+        for name, width, tp in widths:
+            at = "" if tp is None else f" ({tp_field} lists {tp})"
+            if width % 2:
+                raise CheckpointError(f"{source}: the {name} = {width} is odd; INT4 packs two columns a byte{at}")
+            if group and width % group:
+                raise CheckpointError(f"{source}: quantization_config.group_size {group} does not divide the "
+                                      f"{name} = {width}{at}")
+
+
+def model_dims(config: dict[str, Any], source: str = "config.json") -> dict[str, int]:
+    """The dimensions the format needs from a HF config, each checked to be a positive integer
+    (a missing or mistyped field is named here, not a KeyError or a shape error later)."""
+
+    def dim(name: str, required: bool = True) -> int | None:
+        value = config.get(name)
+        if value is None and not required:
+            return None
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            what = "missing" if name not in config else f"got {value!r}"
+            raise CheckpointError(f"{source}: {name}: expected a positive integer ({what})")
+        return value
+
+    hidden, heads = dim("hidden_size"), dim("num_attention_heads")
+    kv_heads = dim("num_key_value_heads", required=False) or heads
+    if heads % kv_heads:
+        raise CheckpointError(f"{source}: num_key_value_heads: {kv_heads} does not divide num_attention_heads {heads}")
+    head_dim = dim("head_dim", required=False)
+    if head_dim is None:
+        if hidden % heads:
+            raise CheckpointError(f"{source}: hidden_size {hidden} is not divisible by num_attention_heads {heads} "
+                                  f"(and there is no head_dim)")
+        head_dim = hidden // heads
+    return {"hidden": hidden, "inter": dim("intermediate_size"), "heads": heads, "kv_heads": kv_heads,
+            "head_dim": head_dim, "layers": dim("num_hidden_layers"), "vocab": dim("vocab_size")}
 
 
 def _block(entry: Any, source: str) -> int | None:
@@ -172,18 +233,78 @@ def head_dim_of(config: dict[str, Any]) -> int:
 def read_spec(model_dir: str | Path) -> tuple[RotQuantSpec | None, dict[str, Any]]:
     """(spec or None for an unquantized model, config dict) of a model folder."""
     path = Path(model_dir) / "config.json"
-    try:
-        config = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: not found (is {model_dir} a Hugging Face model folder?)") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: invalid JSON: {e}") from None
+    config = read_config(model_dir)
     qcfg = config.get("quantization_config")
-    if not qcfg or qcfg.get("quant_method") != QUANT_METHOD:
+    if not isinstance(qcfg, dict) or qcfg.get("quant_method") != QUANT_METHOD:
         return None, config
     spec = RotQuantSpec.from_dict(qcfg, source=f"{path}: quantization_config")
     spec.check_model_config(config, source=str(path))
     return spec, config
+
+
+def is_rotquant_checkpoint(model_dir: str | Path) -> bool:
+    """Whether config.json asks for rotquant (a folder without config.json is not one; a config.json
+    that is not JSON is a CheckpointError naming it)."""
+    if not (Path(model_dir) / "config.json").is_file():
+        return False
+    qc = read_config(model_dir).get("quantization_config")
+    return isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD
+
+
+# ----------------------------------------------------------------------------- config.json
+def read_config(model_dir: str | Path) -> dict[str, Any]:
+    """config.json of a model folder as a dict; CheckpointError naming the file otherwise."""
+    path = Path(model_dir) / "config.json"
+    try:
+        text = path.read_bytes().decode("utf-8")
+        config = json.loads(text)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: not found (is {model_dir} a Hugging Face model folder?)") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{path}: is a folder, expected a JSON file") from None
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: invalid JSON: not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+                              f"{e.start})") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: invalid JSON: {e}") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: unreadable ({e.strerror or e})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+def write_config(model_dir: str | Path, config: dict[str, Any]) -> Path:
+    """Write config.json atomically (a temporary sibling, flushed, renamed over it): a reader or
+    a crash sees the old file or the new one, never half of one."""
+    path = Path(model_dir) / "config.json"
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    fd, tmp = tempfile.mkstemp(prefix=".config.json.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def update_config(model_dir: str | Path, edit: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """Edit config.json in place: `edit(config)` changes the dict, a rotquant quantization_config
+    is validated again, and the file is replaced in one rename. Returns the new config."""
+    config = read_config(model_dir)
+    edit(config)
+    qcfg = config.get("quantization_config")
+    if isinstance(qcfg, dict) and qcfg.get("quant_method") == QUANT_METHOD:
+        path = Path(model_dir) / "config.json"
+        spec = RotQuantSpec.from_dict(qcfg, source=f"{path}: quantization_config (after the update)")
+        spec.check_model_config(config, source=str(path))
+    write_config(model_dir, config)
+    return config
 
 
 # ----------------------------------------------------------------------------- packing
@@ -245,28 +366,350 @@ def linear_shapes(config: dict[str, Any]) -> dict[str, tuple[int, int]]:
     }
 
 
-def validate_tensors(spec: RotQuantSpec, config: dict[str, Any],
-                     tensors: dict[str, tuple[tuple[int, ...], torch.dtype]],
+def biased_projections(config: dict[str, Any]) -> tuple[str, ...]:
+    """Projections (of QUANTIZED_PROJECTIONS) that carry a bias in this architecture: Qwen2 has
+    q/k/v biases; Llama/Mistral only when `attention_bias` / `mlp_bias` say so (as vLLM builds them)."""
+    arch = (config.get("architectures") or [""])[0]
+    if arch == "Qwen2ForCausalLM":
+        return ("q_proj", "k_proj", "v_proj")
+    out: tuple[str, ...] = ()
+    if config.get("attention_bias"):
+        out += ("q_proj", "k_proj", "v_proj", "o_proj")
+    if config.get("mlp_bias"):
+        out += ("gate_proj", "up_proj", "down_proj")
+    return out
+
+
+def expected_tensors(spec: RotQuantSpec, config: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], tuple[torch.dtype, ...]]]:
+    """Every tensor a rotquant checkpoint of this config holds: {name: (shape, allowed dtypes)}.
+    `lm_head.weight` is listed even when the embeddings are tied (it may then be absent)."""
+    dims = model_dims(config)
+    hidden, vocab = dims["hidden"], dims["vocab"]
+    out: dict[str, tuple[tuple[int, ...], tuple[torch.dtype, ...]]] = {
+        "model.embed_tokens.weight": ((vocab, hidden), FLOAT_DTYPES),
+        "model.norm.weight": ((hidden,), FLOAT_DTYPES),
+        "lm_head.weight": ((vocab, hidden), FLOAT_DTYPES),
+    }
+    biased = biased_projections(config)
+    shapes = linear_shapes(config)
+    for i in range(dims["layers"]):
+        p = f"model.layers.{i}"
+        out[f"{p}.input_layernorm.weight"] = ((hidden,), FLOAT_DTYPES)
+        out[f"{p}.post_attention_layernorm.weight"] = ((hidden,), FLOAT_DTYPES)
+        for name, (out_f, in_f) in shapes.items():
+            for tensor, shape in expected_tensor_shapes(f"{p}.{name}", out_f, in_f, spec.group_size).items():
+                out[tensor] = (shape, (torch.uint8,) if tensor.endswith(PACKED_SUFFIX) else SCALE_DTYPES)
+            if name.rsplit(".", 1)[1] in biased:
+                out[f"{p}.{name}.bias"] = ((out_f,), FLOAT_DTYPES)
+    return out
+
+
+def _where(info: Any, source: str) -> str:
+    return str(info.file) if isinstance(info, TensorInfo) else source
+
+
+def validate_tensors(spec: RotQuantSpec, config: dict[str, Any], tensors: dict[str, Any],
                      source: str) -> None:
-    """Check names, shapes and dtypes of every quantized linear; raise CheckpointError on the first bad one."""
-    n_layers = config["num_hidden_layers"]
-    expected: dict[str, tuple[int, ...]] = {}
-    for i in range(n_layers):
-        for name, (out_f, in_f) in linear_shapes(config).items():
-            expected.update(expected_tensor_shapes(f"model.layers.{i}.{name}", out_f, in_f, spec.group_size))
-    for name, shape in expected.items():
+    """Check the name, shape and dtype of every tensor (quantized linears, embeddings, norms,
+    lm_head, biases) against the model config: nothing missing, nothing extra. `tensors` maps
+    names to TensorInfo or to (shape, dtype); raise CheckpointError on the first bad one."""
+    expected = expected_tensors(spec, config)
+    optional = {"lm_head.weight"} if config.get("tie_word_embeddings") else set()
+    for name, (shape, dtypes) in expected.items():
         if name not in tensors:
+            if name in optional:
+                continue
             raise CheckpointError(f"{source}: missing tensor '{name}'")
-        got_shape, got_dtype = tensors[name]
+        got_shape, got_dtype = tensors[name][:2]
+        where = _where(tensors[name], source)
         if tuple(got_shape) != shape:
-            raise CheckpointError(f"{source}: tensor '{name}' has shape {tuple(got_shape)}, expected {shape}")
-        if name.endswith(PACKED_SUFFIX) and got_dtype != torch.uint8:
-            raise CheckpointError(f"{source}: tensor '{name}' has dtype {got_dtype}, expected torch.uint8")
-        if name.endswith(SCALE_SUFFIX) and got_dtype not in SCALE_DTYPES:
-            raise CheckpointError(f"{source}: tensor '{name}' has dtype {got_dtype}, expected one of {SCALE_DTYPES}")
-    for name in tensors:
+            raise CheckpointError(f"{where}: tensor '{name}' has shape {tuple(got_shape)}, expected {shape} "
+                                  f"(from config.json)")
+        if got_dtype not in dtypes:
+            allowed = str(dtypes[0]) if len(dtypes) == 1 else f"one of {dtypes}"
+            raise CheckpointError(f"{where}: tensor '{name}' has dtype {got_dtype}, expected {allowed}")
+    for name in sorted(set(tensors) - set(expected)):
+        where = _where(tensors[name], source)
         stem = name.rsplit(".", 1)[0]
         if stem.endswith(QUANTIZED_PROJECTIONS) and name.endswith(".weight"):
-            raise CheckpointError(f"{source}: unexpected unquantized tensor '{name}' in a rotquant checkpoint")
-        if name.endswith((PACKED_SUFFIX, SCALE_SUFFIX)) and name not in expected:
-            raise CheckpointError(f"{source}: unexpected tensor '{name}'")
+            raise CheckpointError(f"{where}: unexpected unquantized tensor '{name}' in a rotquant checkpoint")
+        raise CheckpointError(f"{where}: unexpected tensor '{name}' (a {config['architectures'][0]} with this "
+                              f"config.json has no such tensor)")
+
+
+# ----------------------------------------------------------------------------- safetensors
+MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own limit on the JSON header
+# safetensors dtype names -> (torch dtype, bytes per element)
+ST_DTYPES: dict[str, tuple[torch.dtype, int]] = {
+    "BOOL": (torch.bool, 1), "U8": (torch.uint8, 1), "I8": (torch.int8, 1), "U16": (torch.uint16, 2),
+    "I16": (torch.int16, 2), "U32": (torch.uint32, 4), "I32": (torch.int32, 4), "U64": (torch.uint64, 8),
+    "I64": (torch.int64, 8), "F16": (torch.float16, 2), "BF16": (torch.bfloat16, 2), "F32": (torch.float32, 4),
+    "F64": (torch.float64, 8), "F8_E4M3": (torch.float8_e4m3fn, 1), "F8_E5M2": (torch.float8_e5m2, 1),
+}
+
+
+class TensorInfo(NamedTuple):
+    """One tensor of a safetensors file, from its validated header; `begin`/`end` are absolute
+    byte offsets in `file`."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    file: Path
+    begin: int
+    end: int
+
+
+def _st_error(path: Path, why: str) -> CheckpointError:
+    return CheckpointError(f"{path}: not a readable safetensors file ({why})")
+
+
+def read_safetensors_header(path: str | Path) -> dict[str, TensorInfo]:
+    """{name: TensorInfo} of one safetensors file, with the checks the format requires: the header
+    length bounded (checked before anything is allocated), the header UTF-8 JSON, every entry
+    well formed, its byte range the size its shape and dtype need, and the data section covered
+    exactly (no gaps, no overlaps, nothing cut off). No tensor data is read."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise _st_error(path, f"{size} bytes, shorter than the 8-byte header length")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER_BYTES:
+                raise _st_error(path, f"header length {n} exceeds the format's limit of {MAX_HEADER_BYTES} bytes: "
+                                      f"random or corrupt bytes")
+            if 8 + n > size:
+                raise _st_error(path, f"header length {n} but the file holds {size} bytes: truncated or corrupt")
+            raw = fh.read(n)
+    except OSError as e:
+        raise _st_error(path, e.strerror or str(e)) from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _st_error(path, f"header is not UTF-8 JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise _st_error(path, f"header is a JSON {type(header).__name__}, expected an object")
+    data_start, data_size = 8 + n, size - 8 - n
+    out: dict[str, TensorInfo] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        where = f"tensor '{name}'"
+        if not isinstance(info, dict):
+            raise _st_error(path, f"{where}: header entry is not an object")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dtype not in ST_DTYPES:
+            raise _st_error(path, f"{where}: unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                  for d in shape):
+            raise _st_error(path, f"{where}: shape {shape!r} is not a list of non-negative integers")
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1]):
+            raise _st_error(path, f"{where}: data_offsets {offsets!r} are not [begin, end] with 0 <= begin <= end")
+        torch_dtype, itemsize = ST_DTYPES[dtype]
+        nbytes = math.prod(shape) * itemsize
+        if offsets[1] - offsets[0] != nbytes:
+            raise _st_error(path, f"{where}: shape {shape} of {dtype} needs {nbytes} bytes, its data_offsets "
+                                  f"{offsets} span {offsets[1] - offsets[0]}")
+        out[name] = TensorInfo(tuple(shape), torch_dtype, path, data_start + offsets[0], data_start + offsets[1])
+    spans = sorted((t.begin - data_start, t.end - data_start, name) for name, t in out.items())
+    last = max((end for _, end, _ in spans), default=0)
+    if last > data_size:
+        cut = next(name for _, end, name in spans if end > data_size)
+        raise _st_error(path, f"truncated: the header describes {last} bytes of tensor data, the file holds "
+                              f"{data_size} (tensor '{cut}' is cut off)")
+    pos, prev = 0, None
+    for begin, end, name in spans:
+        if begin < pos:
+            raise _st_error(path, f"tensors '{prev}' and '{name}' overlap")
+        if begin > pos:
+            raise _st_error(path, f"bytes {pos}..{begin} of the data before tensor '{name}' belong to no tensor")
+        pos, prev = end, name
+    if pos != data_size:
+        raise _st_error(path, f"the last {data_size - pos} bytes of the file belong to no tensor")
+    return out
+
+
+def read_safetensors_headers(model_dir: str | Path) -> dict[str, TensorInfo]:
+    """{name: TensorInfo} over every *.safetensors file of a model folder (headers only): each file
+    checked by `read_safetensors_header`, no name in two files, and the shard index (if any) naming
+    exactly these files and tensors."""
+    model_dir = Path(model_dir)
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{model_dir}: no *.safetensors files (rotquant reads safetensors only)")
+    out: dict[str, TensorInfo] = {}
+    for f in files:
+        for name, info in read_safetensors_header(f).items():
+            if name in out:
+                raise CheckpointError(f"{f}: tensor '{name}' is also in {out[name].file.name}")
+            out[name] = info
+    index = model_dir / INDEX_FILE
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            assert isinstance(weight_map, dict)
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AssertionError):
+            raise CheckpointError(f"{index}: not a safetensors index (expected JSON with a 'weight_map' object)") from None
+        for name, info in out.items():
+            if weight_map.get(name) != info.file.name:
+                raise CheckpointError(f"{index}: weight_map puts tensor '{name}' in {weight_map.get(name)!r}, but it "
+                                      f"is in {info.file.name}")
+        extra = sorted(set(weight_map) - set(out))
+        if extra:
+            raise CheckpointError(f"{index}: weight_map lists tensor '{extra[0]}' that no *.safetensors file holds")
+    return out
+
+
+def read_tensors(model_dir: str | Path, headers: dict[str, TensorInfo] | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of a model folder's safetensors files (headers validated first, so a bad file
+    is named before any data is read)."""
+    from safetensors import SafetensorError, safe_open
+
+    headers = read_safetensors_headers(model_dir) if headers is None else headers
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted({info.file for info in headers.values()}):
+        try:
+            with safe_open(f, framework="pt") as fh:
+                for name in fh.keys():
+                    out[name] = fh.get_tensor(name)
+        except (SafetensorError, OSError) as e:
+            raise _st_error(f, str(e)) from None
+    return out
+
+
+def first_nonfinite(t: torch.Tensor, chunk: int = 1 << 24) -> tuple[int, int] | None:
+    """(count, first flat index) of the NaN/Inf values of a floating tensor, None if all finite.
+    Scanned in chunks with one min/max reduction each (NaN propagates through both, an Inf is one
+    of them; 10x faster than `isfinite` on 2 cores), counted only when something is found."""
+    flat = t.reshape(-1)
+    for start in range(0, flat.numel(), chunk):
+        lo, hi = torch.aminmax(flat[start:start + chunk])
+        if not (torch.isfinite(lo) and torch.isfinite(hi)):
+            bad = ~torch.isfinite(flat)
+            return int(bad.sum()), int(bad.nonzero()[0, 0])
+    return None
+
+
+def _nonfinite_in_file(mm: mmap.mmap, info: TensorInfo) -> tuple[int, int] | None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "the given buffer is not writable": it is only read
+        t = torch.frombuffer(mm, dtype=info.dtype, count=math.prod(info.shape), offset=info.begin)
+    return first_nonfinite(t)
+
+
+def check_finite(headers: dict[str, TensorInfo], names: Iterable[str] | None = None) -> None:
+    """Read the data of every floating tensor (memory-mapped, one at a time) and refuse NaN/Inf,
+    naming the file and tensor: a NaN in a norm weight would otherwise be served."""
+    wanted = set(headers if names is None else names)
+    by_file: dict[Path, list[tuple[str, TensorInfo]]] = {}
+    for name, info in headers.items():
+        if name in wanted and info.dtype.is_floating_point and info.dtype.itemsize >= 2 and info.end > info.begin:
+            by_file.setdefault(info.file, []).append((name, info))
+    for f, items in sorted(by_file.items()):
+        bad = None
+        with open(f, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            for name, info in sorted(items, key=lambda x: x[1].begin):
+                found = _nonfinite_in_file(mm, info)
+                if found:
+                    bad = (name, *found)
+                    break
+        if bad:
+            name, count, index = bad
+            raise CheckpointError(f"{f}: tensor '{name}' holds {count} NaN/Inf value(s) (first at flat index {index})")
+
+
+# ----------------------------------------------------------------------------- whole checkpoint
+@dataclasses.dataclass
+class Checkpoint:
+    """A validated rotquant checkpoint folder."""
+
+    path: Path
+    spec: RotQuantSpec
+    config: dict[str, Any]
+    headers: dict[str, TensorInfo]
+
+
+def validate_checkpoint(model_dir: str | Path, check_values: bool = True) -> Checkpoint:
+    """The one validation of a rotquant checkpoint, run by `rotquant eval` (via `load_checkpoint`)
+    and by the vLLM plugin at server start, before any weight is used: not an interrupted
+    `rotquant quantize` output, config.json and its quantization_config (with every TP rule),
+    the safetensors headers, every tensor against the config and, with `check_values`, finite
+    values in every floating tensor (this reads the data of the floating tensors; the packed
+    INT4 weights are bytes and need no check)."""
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a folder (expected a rotquant checkpoint folder)")
+    check_complete(path)
+    spec, config = read_spec(path)
+    if spec is None:
+        raise CheckpointError(f"{path}/config.json: not a rotquant checkpoint (no quantization_config with "
+                              f"quant_method '{QUANT_METHOD}')")
+    headers = read_safetensors_headers(path)
+    validate_tensors(spec, config, headers, source=str(path))
+    if check_values:
+        check_finite(headers)
+    return Checkpoint(path, spec, config, headers)
+
+
+def load_checkpoint(model_dir: str | Path) -> tuple[Checkpoint, dict[str, torch.Tensor]]:
+    """`validate_checkpoint` and every tensor read into memory (finite values checked there)."""
+    ckpt = validate_checkpoint(model_dir, check_values=False)
+    tensors = read_tensors(ckpt.path, ckpt.headers)
+    for name, t in tensors.items():
+        if t.is_floating_point():
+            bad = first_nonfinite(t)
+            if bad:
+                raise CheckpointError(f"{ckpt.headers[name].file}: tensor '{name}' holds {bad[0]} NaN/Inf value(s) "
+                                      f"(first at flat index {bad[1]})")
+    return ckpt, tensors
+
+
+# ----------------------------------------------------------------------------- incomplete marker
+def mark_incomplete(folder: str | Path, writer: str = "rotquant quantize") -> Path:
+    """Mark `folder` as being written by this process (pid, host, the process's start time, so a
+    later run can tell whether the writer is still alive)."""
+    path = Path(folder) / INCOMPLETE_MARKER
+    info = {"writer": writer, "pid": os.getpid(), "host": socket.gethostname(),
+            "pid_start": process_start_ticks(os.getpid())}
+    path.write_text(json.dumps(info) + "\n")
+    return path
+
+
+def read_incomplete_marker(folder: str | Path) -> dict[str, Any] | None:
+    """The marker's record, {} if it is unreadable, None if the folder holds none."""
+    path = Path(folder) / INCOMPLETE_MARKER
+    try:
+        info = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def check_complete(folder: str | Path) -> None:
+    """Refuse a folder that still holds the incomplete marker, unless this very process is writing
+    it (the activation clip search reads the checkpoint inside the atomic write)."""
+    info = read_incomplete_marker(folder)
+    if info is None:
+        return
+    if info.get("pid") == os.getpid() and info.get("host") == socket.gethostname():
+        return
+    who = f" (pid {info.get('pid')} on {info.get('host')})" if info.get("pid") else ""
+    raise CheckpointError(
+        f"{folder}: an incomplete `{info.get('writer', 'rotquant quantize')}` output{who}: the run was "
+        f"interrupted or is still writing ({INCOMPLETE_MARKER} is present); it is not a checkpoint: delete "
+        f"the folder and quantize again")
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """Start time of process `pid` in clock ticks since boot (Linux /proc), None where unknown:
+    with the pid it identifies a process even after the pid is reused."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat[stat.rindex(")") + 2:].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
