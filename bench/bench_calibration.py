@@ -7,10 +7,11 @@ Two setups:
                               memory (meta device, filled on the accelerator) -- no download;
                               calibration tokens are seeded random ids (a cost benchmark only).
   --model DIR                 a real HF folder (e.g. SmolLM2-135M), calibrated on --calib text.
-The pipeline is `offline.pipeline.quantize_checkpoint` itself; for the preset, its model and
-tokenizer loaders are replaced by the in-memory model and a random-token tokenizer (loading a
-27 GB fp32 checkpoint from disk is not what is being measured; the build time is reported
-apart). `--probe` also times one decoder layer's forward on the calibration batch in fp32 and
+The pipeline is the library's: for the preset, `pipeline.quantize_model` on the in-memory model
+with seeded random calibration token windows, then `pipeline.save_checkpoint` (the atomic write
+and the activation-clip search, as `rotquant quantize` does them); loading a 27 GB fp32
+checkpoint from disk is not what is being measured, and the build time is reported apart. For
+--model, `pipeline.quantize_checkpoint`. `--probe` also times one decoder layer's forward on the calibration batch in fp32 and
 TF32, to show what the matmul precision costs. Writes <out>/calibration_<name>.json and .md.
 
   python bench/bench_calibration.py --preset llama2-7b-random --device cuda --out runs/cal
@@ -22,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import platform
 import resource
 import shutil
@@ -33,7 +33,8 @@ from pathlib import Path
 
 import torch
 
-from vllm_rotquant.offline import dartquant, pipeline
+from vllm_rotquant.offline import pipeline
+from vllm_rotquant.offline.options import DartQuantOptions, QuantizeOptions, default_device, defaults
 
 log = logging.getLogger("bench_calibration")
 
@@ -45,15 +46,10 @@ PRESETS = {
 }
 
 
-class RandomTokenizer:
-    """Stands in for a tokenizer: any text becomes `n` seeded random token ids."""
-
-    def __init__(self, vocab_size: int, n: int, seed: int):
-        self.vocab_size, self.n, self.seed = vocab_size, n, seed
-
-    def __call__(self, text, add_special_tokens=False, return_attention_mask=False):
-        g = torch.Generator().manual_seed(self.seed)
-        return {"input_ids": torch.randint(0, self.vocab_size, (self.n,), generator=g).tolist()}
+def random_windows(vocab_size: int, tokens: int, seq_len: int, seed: int) -> torch.Tensor:
+    """ceil(tokens / seq_len) windows of seeded random token ids (a cost benchmark needs no text)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (-(-tokens // seq_len), seq_len), generator=g)
 
 
 @torch.no_grad()
@@ -106,21 +102,23 @@ def probe_forward(model, device: str, batch: int, seq_len: int) -> dict:
 
 
 def main(argv=None) -> int:
+    q = defaults(QuantizeOptions)  # the library's defaults (the same as `rotquant quantize`'s)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--preset", choices=sorted(PRESETS))
     src.add_argument("--model", help="HF model folder")
     ap.add_argument("--name", default=None, help="label for the result files (default: preset or folder name)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--rotation", default="dartquant", choices=["none", "hadamard", "dartquant"])
-    ap.add_argument("--weights", default="gptq", choices=["rtn", "gptq"])
-    ap.add_argument("--a-bits", type=int, default=4)
-    ap.add_argument("--act-clip", default="auto", help="activation clip ratio, or 'auto' (searched)")
-    ap.add_argument("--calib", default="brown")
-    ap.add_argument("--calib-tokens", type=int, default=128 * 2048)
-    ap.add_argument("--calib-seq-len", type=int, default=2048)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--dq", default="{}", help="JSON dict of DartQuant options")
+    ap.add_argument("--device", default=default_device())
+    ap.add_argument("--rotation", default="dartquant", choices=["none", "hadamard", "dartquant"],
+                    help="(default: %(default)s, what this benchmark is about)")
+    ap.add_argument("--weights", default=q["weights"], choices=["rtn", "gptq"])
+    ap.add_argument("--act-bits", "--a-bits", dest="act_bits", type=int, default=q["act_bits"])
+    ap.add_argument("--act-clip", default=q["act_clip_ratio"], help="activation clip ratio, or 'auto' (searched)")
+    ap.add_argument("--calib", default=q["calib"], help="calibration text (--model only; the preset uses random ids)")
+    ap.add_argument("--calib-tokens", type=int, default=q["calib_tokens"])
+    ap.add_argument("--calib-seq-len", type=int, default=q["calib_seq_len"])
+    ap.add_argument("--batch-size", type=int, default=q["batch_size"])
+    ap.add_argument("--dq", default="{}", help="JSON dict of DartQuant options (options.DartQuantOptions fields)")
     ap.add_argument("--tf32", action="store_true", help="allow TF32 matmuls (CUDA) for the whole pipeline")
     ap.add_argument("--probe", action="store_true", help="time one layer forward in fp32 and TF32 first")
     ap.add_argument("--out", default="runs/calibration", help="folder for the result files")
@@ -143,7 +141,12 @@ def main(argv=None) -> int:
     result: dict = {"name": name, "env": env, "args": vars(args)}
     work = Path(tempfile.mkdtemp(prefix="bench_cal_"))
     ckpt = Path(args.ckpt) if args.ckpt else work / "ckpt"
-    saved = (pipeline.load_hf_model, pipeline.load_tokenizer)
+    opts = QuantizeOptions(
+        rotation=args.rotation, weights=args.weights, act_bits=args.act_bits,
+        calib=args.calib if args.model else "random token ids",
+        act_clip_ratio=args.act_clip if args.act_clip == "auto" else float(args.act_clip),
+        calib_tokens=args.calib_tokens, calib_seq_len=args.calib_seq_len, seed=args.seed,
+        device=args.device, batch_size=args.batch_size, dartquant=DartQuantOptions.from_dict(json.loads(args.dq)))
     try:
         if args.preset:
             t = time.time()
@@ -155,40 +158,29 @@ def main(argv=None) -> int:
                 result["probe"] = probe_forward(model, args.device, args.batch_size, args.calib_seq_len)
                 torch.backends.cuda.matmul.allow_tf32 = bool(args.tf32)
                 log.info("probe: %s", result["probe"])
-            model_dir = work / "model"
-            model_dir.mkdir()
-            model.config.save_pretrained(model_dir)
-            calib_file = work / "random.txt"
-            calib_file.write_text("random tokens\n")
-            calib = str(calib_file)
-            n_ids = max(4 * args.calib_tokens, 10 * args.calib_seq_len)
-            pipeline.load_hf_model = lambda *a, **k: model  # noqa: E731 -- the in-memory model
-            pipeline.load_tokenizer = lambda *a, **k: RandomTokenizer(model.config.vocab_size, n_ids, args.seed)  # noqa: E731
+            windows = random_windows(model.config.vocab_size, args.calib_tokens, args.calib_seq_len, args.seed)
+            config = model.config.to_dict()
+            t = time.time()
+            tensors, spec, report = pipeline.quantize_model(model, None, opts, calib_windows=windows,
+                                                            unquantized_dtype=torch.bfloat16)
+            del model
+            report = pipeline.save_checkpoint(ckpt, tensors, spec, report, config, overwrite=True)
+            del tensors
         else:
-            model_dir, calib = Path(args.model), args.calib
-        opts = pipeline.QuantizeOptions(
-            rotation=args.rotation, weights=args.weights, a_bits=args.a_bits, calib=calib,
-            act_clip_ratio=args.act_clip if args.act_clip == "auto" else float(args.act_clip),
-            calib_tokens=args.calib_tokens, calib_seq_len=args.calib_seq_len, seed=args.seed,
-            device=args.device, batch_size=args.batch_size, dartquant=json.loads(args.dq), overwrite=True)
-        t = time.time()
-        summary = pipeline.quantize_checkpoint(model_dir, ckpt, opts)
+            t = time.time()
+            report = pipeline.quantize_checkpoint(args.model, ckpt, opts, overwrite=True)
         wall = time.time() - t
+        summary = report.summary()
         result["summary"] = summary
         result["wall_s"] = round(wall, 1)
         if args.device.startswith("cuda"):
             result["peak_gpu_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
             result["peak_gpu_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2 ** 30, 2)
         result["peak_cpu_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2)
-        if args.rotation == "dartquant":
-            run = dartquant.LAST_RUN
-            result["dartquant"] = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in run.items()
-                                   if k not in ("r1_loss", "r2_loss")}
-            result["dartquant"]["r1_loss"] = [round(v, 4) for v in run["r1_loss"]]
-            result["dartquant"]["r2_loss"] = [round(v, 4) for v in run["r2_loss"]]
+        if report.dartquant is not None:
+            result["dartquant"] = report.dartquant.summary()
         result["ckpt_mb"] = summary.get("output_mb")
     finally:
-        pipeline.load_hf_model, pipeline.load_tokenizer = saved
         if not args.ckpt:
             shutil.rmtree(work, ignore_errors=True)
 
@@ -197,7 +189,8 @@ def main(argv=None) -> int:
     s = result["summary"]
     gpu = f"{result['peak_gpu_allocated_gib']:.2f}" if "peak_gpu_allocated_gib" in result else "-"
     row = (f"| {name} | {args.device} ({env['device_name']}) | {args.rotation}+{args.weights} | "
-           f"{s['calib_tokens']} | {result['wall_s']:.0f} | {s.get('prepare_s', 0):.0f} | {dq.get('capture_s', 0):.0f} | "
+           f"{s['calib_tokens']} | {result['wall_s']:.0f} | {s.get('load_s', 0) + s.get('prepare_s', 0):.0f} | "
+           f"{dq.get('capture_s', 0):.0f} | "
            f"{dq.get('r1_s', 0):.0f} / {dq.get('r2_s', 0):.0f} | {s.get('rotation_s', 0):.0f} | "
            f"{s.get('weights_s', 0):.0f} | {s.get('write_s', 0):.0f} | {s.get('act_clip_s', 0):.0f} ({s.get('act_clip_ratio')}) | {gpu} | {result['peak_cpu_rss_gib']:.1f} |")
     header = ("| model | device | method | calib tokens | total s | load+fold+tokenize s | capture s | R1 / R2 train s | "

@@ -22,7 +22,8 @@ from pathlib import Path
 from vllm_rotquant.offline import act_clip, data
 from vllm_rotquant.offline.evaluate import evaluate
 from vllm_rotquant.offline.model_io import fetch_smollm2, load_tokenizer
-from vllm_rotquant.offline.pipeline import QuantizeOptions, quantize_checkpoint
+from vllm_rotquant.offline.options import QuantizeOptions
+from vllm_rotquant.offline.pipeline import quantize_checkpoint
 
 # name -> (rotation, weights, act_bits, derived from); "asym" rows: per-token asymmetric activations
 ROWS = {
@@ -86,7 +87,7 @@ def main() -> None:
     for name in args.rows:
         rotation, weights, act_bits, parent = ROWS[name]
         symmetric = not name.endswith(" asym")
-        ckpt, quant = src, {}
+        ckpt, quant = src, None
         if rotation is not None:
             ckpt = work / slug(name)
             if parent is not None:
@@ -98,12 +99,13 @@ def main() -> None:
                     act_clip.set_clip(ckpt, clip)
             elif not (ckpt / "config.json").is_file():
                 quant = quantize_checkpoint(src, ckpt, QuantizeOptions(
-                    rotation=rotation, weights=weights, a_bits=act_bits, act_symmetric=symmetric, calib="brown",
-                    act_clip_ratio=clip,
-                    seed=args.seed, calib_tokens=args.calib_tokens, calib_seq_len=args.calib_seq_len, overwrite=True))
+                    rotation=rotation, weights=weights, act_bits=act_bits, act_symmetric=symmetric, calib="brown",
+                    act_clip_ratio=clip, seed=args.seed, calib_tokens=args.calib_tokens,
+                    calib_seq_len=args.calib_seq_len), overwrite=True)
         t = time.time()
         res = evaluate(ckpt, "austen", args.seq_len, args.windows)
-        results.append((name, res["ppl"], quant.get("seconds"), quant.get("peak_memory_mb"), time.time() - t))
+        results.append((name, res["ppl"], round(quant.seconds, 1) if quant else None,
+                        round(quant.peak_memory_mb, 1) if quant else None, time.time() - t))
         logging.info("%s: ppl %.2f", name, res["ppl"])
     print(f"\nSmolLM2-135M, austen {args.windows}x{args.seq_len}, calibration brown "
           f"{args.calib_tokens} tokens (seq {args.calib_seq_len}), seed {args.seed}, act clip {args.act_clip}\n")

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vllm_rotquant.offline.rotate import layers_of
+from vllm_rotquant.offline.arch import arch_of
 
 
 class _Stop(Exception):
@@ -73,11 +73,11 @@ def capture_first_layer_inputs(model, token_windows: torch.Tensor, device: torch
                                batch_size: int = 8, store: torch.device | str = "cpu") -> LayerInputs:
     """Run the embeddings on `token_windows` [n, T] and return what enters layer 0."""
     device = torch.device(device)
-    inner = model.model
-    moved = [inner.embed_tokens, inner.rotary_emb]
+    arch = arch_of(model)
+    moved = [arch.get(model, arch.embeddings), arch.get(model, arch.rotary)]
     for m in moved:
         m.to(device)
-    layers = layers_of(model)
+    layers = arch.decoder_layers(model)
     catcher = _Catcher(layers[0])
     layers[0] = catcher
     try:

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
+import typing
 
 import torch
 
@@ -25,6 +27,51 @@ def _clip_arg(text: str) -> float | str:
         raise argparse.ArgumentTypeError(f"expected 'auto' or a number in (0, 1], got {text!r}") from None
 
 
+def _device_arg(text: str) -> str:
+    from vllm_rotquant.offline.options import check_device
+
+    try:
+        return check_device(text, flag="")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).strip()) from None
+
+
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return value
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def _add_option_fields(p: argparse.ArgumentParser, cls, title: str) -> None:
+    """One `--prefix-field` argument per field of the options dataclass `cls`, with its default and
+    help (the dataclass is the single source of both)."""
+    group = p.add_argument_group(title)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        kind = next((a for a in typing.get_args(kind) if a is not type(None)), kind)
+        help_text = f.metadata["help"] + ("" if f.default is None else " (default: %(default)s)")
+        kw: dict = {"default": f.default, "help": help_text, "dest": cls.PREFIX.replace("-", "_") + f.name}
+        if kind is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = kind
+            if "choices" in f.metadata:
+                kw["choices"] = f.metadata["choices"]
+        group.add_argument(cls.flag(f.name), **kw)
+
+
+def _option_fields(args, cls):
+    return cls(**{f.name: getattr(args, cls.PREFIX.replace("-", "_") + f.name) for f in dataclasses.fields(cls)})
+
+
 def cmd_fetch_model(args) -> int:
     from vllm_rotquant.offline.model_io import fetch_smollm2
 
@@ -41,21 +88,25 @@ def cmd_fetch_data(args) -> int:
     return 0
 
 
-def cmd_quantize(args) -> int:
-    from vllm_rotquant.offline.pipeline import QuantizeOptions, quantize_checkpoint
+def quantize_options(args):
+    """The QuantizeOptions of parsed `rotquant quantize` arguments (validated: ValueError naming the option)."""
+    from vllm_rotquant.offline.options import DartQuantOptions, GPTQOptions, QuantizeOptions
 
-    dq = {k: v for k, v in (("epochs", args.dq_epochs), ("lr", args.dq_lr), ("samples", args.dq_samples),
-                            ("outliers", args.dq_outliers), ("weight_rows", args.dq_weight_rows),
-                            ("starts", args.dq_starts), ("r2_epochs", args.dq_r2_epochs)) if v is not None}
-    opts = QuantizeOptions(
-        rotation=args.rotation, weights=args.weights, w_bits=args.w_bits, a_bits=args.a_bits,
+    return QuantizeOptions(
+        rotation=args.rotation, weights=args.weights, weight_bits=args.weight_bits, act_bits=args.act_bits,
         group_size=args.group_size, act_clip_ratio=args.act_clip, act_symmetric=not args.act_asymmetric,
-        calib=args.calib,
-        calib_tokens=args.calib_tokens, calib_seq_len=args.calib_seq_len, seed=args.seed,
-        device=args.device, tp_sizes=tuple(args.tp_sizes) if args.tp_sizes else None,
-        r4_block=args.r4_block, batch_size=args.batch_size, dartquant=dq, overwrite=args.overwrite)
+        calib=args.calib, calib_tokens=args.calib_tokens, calib_seq_len=args.calib_seq_len, seed=args.seed,
+        device=args.device, tp_sizes=tuple(args.tp_sizes) if args.tp_sizes else None, r4_block=args.r4_block,
+        batch_size=args.batch_size, gptq=_option_fields(args, GPTQOptions),
+        dartquant=_option_fields(args, DartQuantOptions))
+
+
+def cmd_quantize(args) -> int:
+    from vllm_rotquant.offline import pipeline
+
+    opts = quantize_options(args)
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
-    summary = quantize_checkpoint(args.model, args.out, opts)
+    summary = pipeline.quantize_checkpoint(args.model, args.out, opts, overwrite=args.overwrite).summary()
     if args.json:
         print(json.dumps(summary))
     else:
@@ -94,7 +145,68 @@ def cmd_eval(args) -> int:
     return 0
 
 
+DEVICE_METAVAR = "{cpu,cuda,cuda:N}"
+
+
+def _add_quantize_parser(sub) -> None:
+    from vllm_rotquant.format import ROTATIONS, SUPPORTED_ACT_BITS, SUPPORTED_WEIGHT_BITS
+    from vllm_rotquant.offline.act_clip import GRID, SCORE_TOKENS, START
+    from vllm_rotquant.offline.options import (WEIGHT_QUANTIZERS, DartQuantOptions, GPTQOptions, QuantizeOptions,
+                                               defaults)
+
+    Q = defaults(QuantizeOptions)
+    q = sub.add_parser("quantize", help="fold, rotate and quantize a HF model into a rotquant checkpoint",
+                       usage="rotquant quantize [options] model out",
+                       description="Fold, rotate and quantize a Hugging Face model into a rotquant checkpoint.")
+    q.add_argument("model", help="HF model folder (Llama, Mistral, Qwen2)")
+    q.add_argument("out", help="output checkpoint folder (written atomically)")
+    q.add_argument("--rotation", choices=ROTATIONS, default=Q["rotation"], help="(default: %(default)s)")
+    q.add_argument("--weights", choices=WEIGHT_QUANTIZERS, default=Q["weights"],
+                   help="weight quantizer: round-to-nearest with clipping search, or GPTQ (default: %(default)s)")
+    q.add_argument("--weight-bits", "--w-bits", dest="weight_bits", type=int, choices=SUPPORTED_WEIGHT_BITS,
+                   default=Q["weight_bits"], help="(default: %(default)s)")
+    q.add_argument("--act-bits", "--a-bits", dest="act_bits", type=int, choices=SUPPORTED_ACT_BITS,
+                   default=Q["act_bits"], help="per-token activation bits (default: %(default)s)")
+    q.add_argument("--group-size", type=int, default=Q["group_size"],
+                   help="weight group size, a positive even number dividing every linear's input on every TP rank "
+                        "(default: one scale per output channel)")
+    q.add_argument("--act-clip", type=_clip_arg, default=Q["act_clip_ratio"],
+                   help=f"activation clip ratio in (0, 1], or 'auto': the ratio whose quantized model has the lowest "
+                        f"loss on {SCORE_TOKENS} calibration tokens, searched from {START} in steps of "
+                        f"{round(GRID[0] - GRID[1], 2)} (default: %(default)s)")
+    q.add_argument("--act-asymmetric", action="store_true",
+                   help="per-token asymmetric activations (scale and zero point; DartQuant's scripts) "
+                        "(default: symmetric)")
+    q.add_argument("--calib", default=Q["calib"],
+                   help="calibration text file or corpus name (brown, austen) (default: %(default)s)")
+    q.add_argument("--calib-tokens", type=int, default=Q["calib_tokens"], help="(default: %(default)s)")
+    q.add_argument("--calib-seq-len", type=int, default=Q["calib_seq_len"],
+                   help="tokens per calibration window (default: %(default)s)")
+    q.add_argument("--seed", type=int, default=Q["seed"], help="seed of rotations and sampling (default: %(default)s)")
+    q.add_argument("--device", type=_device_arg, default=Q["device"], metavar=DEVICE_METAVAR,
+                   help="where calibration runs (default: cuda when available, else cpu; here %(default)s)")
+    q.add_argument("--tp-sizes", type=int, nargs="+", default=Q["tp_sizes"],
+                   help="tensor-parallel sizes the checkpoint must support (R4 block divides intermediate/tp; "
+                        "default: every power of two up to 8 the head counts allow)")
+    q.add_argument("--r4-block", type=int, default=Q["r4_block"],
+                   help="online down_proj Hadamard block size (default: the largest Hadamard order up to 2048 "
+                        "dividing intermediate/max(tp))")
+    q.add_argument("--batch-size", type=int, default=Q["batch_size"],
+                   help="calibration windows per forward (default: %(default)s)")
+    _add_option_fields(q, DartQuantOptions, "DartQuant (--rotation dartquant)")
+    _add_option_fields(q, GPTQOptions, "GPTQ (--weights gptq)")
+    q.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                   help="TF32 matmuls on CUDA for the calibration forwards: ~3x faster than fp32, 10-bit "
+                        "mantissa products with fp32 sums (default on; --no-tf32 for full fp32)")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    q.add_argument("--json", action="store_true", help="print the summary as JSON")
+    q.set_defaults(func=cmd_quantize)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from vllm_rotquant.offline.options import QuantizeOptions, defaults
+
+    Q = defaults(QuantizeOptions)
     p = argparse.ArgumentParser(prog="rotquant", description="W4A4 INT4 with rotations for vLLM")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
@@ -110,69 +222,31 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("out", nargs="?", default=None, help="folder (default: the cache)")
     d.set_defaults(func=cmd_fetch_data)
 
-    q = sub.add_parser("quantize", help="fold, rotate and quantize a HF model into a rotquant checkpoint")
-    q.add_argument("model", help="HF model folder (Llama, Mistral, Qwen2)")
-    q.add_argument("out", help="output checkpoint folder (written atomically)")
-    q.add_argument("--rotation", choices=["none", "hadamard", "dartquant"], default="hadamard")
-    q.add_argument("--weights", choices=["rtn", "gptq"], default="gptq")
-    q.add_argument("--w-bits", type=int, choices=[4], default=4)
-    q.add_argument("--a-bits", type=int, choices=[4, 8, 16], default=4)
-    q.add_argument("--group-size", type=int, default=None, help="weight group size (default: per channel)")
-    q.add_argument("--act-clip", type=_clip_arg, default="auto",
-                   help="activation clip ratio in (0, 1], or 'auto' (default): the ratio whose quantized model has "
-                        "the lowest loss on 4096 calibration tokens, searched from 0.9 in steps of 0.05")
-    q.add_argument("--act-asymmetric", action="store_true",
-                   help="per-token asymmetric activations (scale and zero point; DartQuant's scripts) "
-                        "instead of symmetric")
-    q.add_argument("--calib", default="brown", help="calibration text file or corpus name (brown, austen)")
-    q.add_argument("--calib-tokens", type=int, default=128 * 2048)
-    q.add_argument("--calib-seq-len", type=int, default=2048)
-    q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    q.add_argument("--tp-sizes", type=int, nargs="+", default=None,
-                   help="tensor-parallel sizes the checkpoint must support (R4 block divides intermediate/tp)")
-    q.add_argument("--r4-block", type=int, default=None, help="online down_proj Hadamard block size")
-    q.add_argument("--batch-size", type=int, default=8, help="calibration batch (windows)")
-    q.add_argument("--dq-epochs", type=int, default=None, help="DartQuant epochs over the token sample (default 10)")
-    q.add_argument("--dq-lr", type=float, default=None, help="DartQuant SGD learning rate (default 1e-3)")
-    q.add_argument("--dq-r2-epochs", type=int, default=None,
-                   help="DartQuant epochs for the per-head R2 (default 10; 0 keeps the random Hadamard R2)")
-    q.add_argument("--dq-samples", type=int, default=None,
-                   help="DartQuant tokens kept per layer from each captured input (default 2048)")
-    q.add_argument("--dq-outliers", type=int, default=None,
-                   help="DartQuant spikiest tokens per layer and input mixed into every step "
-                        "(default 32; 0 = the reference's uniform sampling)")
-    q.add_argument("--dq-starts", type=int, default=None,
-                   help="DartQuant Hadamard starts; with RTN weights the one whose quantized model has the lowest "
-                        "calibration loss is kept (default: 4 with RTN, 1 with GPTQ)")
-    q.add_argument("--dq-weight-rows", type=float, default=None,
-                   help="share of R1's loss given to the readers' weight rows (default 0: activations only)")
-    q.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
-                   help="TF32 matmuls on CUDA for the calibration forwards: ~3x faster than fp32, 10-bit "
-                        "mantissa products with fp32 sums (default on; --no-tf32 for full fp32)")
-    q.add_argument("--overwrite", action="store_true")
-    q.add_argument("--json", action="store_true", help="print the summary as JSON")
-    q.set_defaults(func=cmd_quantize)
+    _add_quantize_parser(sub)
 
     t = sub.add_parser("tune-clip", help="search a checkpoint's activation clip ratio on calibration text and "
                                          "write it into its config.json (what quantize --act-clip auto does)")
     t.add_argument("checkpoint")
-    t.add_argument("--calib", default="brown", help="calibration text file or corpus name (brown, austen)")
-    t.add_argument("--calib-seq-len", type=int, default=2048)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    t.add_argument("--json", action="store_true")
+    t.add_argument("--calib", default=Q["calib"], help="calibration text file or corpus name (brown, austen) "
+                                                       "(default: %(default)s)")
+    t.add_argument("--calib-seq-len", type=_int_at_least(2), default=Q["calib_seq_len"],
+                   help="tokens per calibration window (default: %(default)s)")
+    t.add_argument("--seed", type=int, default=Q["seed"], help="seed of the window sampling (default: %(default)s)")
+    t.add_argument("--device", type=_device_arg, default=Q["device"], metavar=DEVICE_METAVAR,
+                   help="(default: cuda when available, else cpu; here %(default)s)")
+    t.add_argument("--json", action="store_true", help="print the record as JSON")
     t.set_defaults(func=cmd_tune_clip)
 
     e = sub.add_parser("eval", help="perplexity of a HF model or (simulated) rotquant checkpoint")
     e.add_argument("model")
-    e.add_argument("--data", default="austen", help="text file or corpus name (austen, brown)")
-    e.add_argument("--seq-len", type=int, default=512)
-    e.add_argument("--windows", type=int, default=16)
-    e.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
-    e.add_argument("--batch-size", type=int, default=4)
-    e.add_argument("--device", default="cpu")
-    e.add_argument("--json", action="store_true")
+    e.add_argument("--data", default="austen", help="text file or corpus name (austen, brown) (default: %(default)s)")
+    e.add_argument("--seq-len", type=_int_at_least(2), default=512, help="tokens per window (default: %(default)s)")
+    e.add_argument("--windows", type=_int_at_least(1), default=16,
+                   help="windows from the middle third of the text (default: %(default)s)")
+    e.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="(default: %(default)s)")
+    e.add_argument("--batch-size", type=_int_at_least(1), default=4, help="windows per forward (default: %(default)s)")
+    e.add_argument("--device", type=_device_arg, default="cpu", metavar=DEVICE_METAVAR, help="(default: %(default)s)")
+    e.add_argument("--json", action="store_true", help="print the result as JSON")
     e.set_defaults(func=cmd_eval)
 
     try:

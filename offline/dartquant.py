@@ -46,27 +46,16 @@ bounded range, which is what a per-token INT4 quantizer wants.
    perplexity got worse (57.4 vs 47.9 for Hadamard). With the outliers mixed in (w = 0.3) the
    same run gives 44.8 (SmolLM2-135M, austen 16 x 512, R1 learned on 8 x 2048 brown tokens).
 
-Hyper-parameters (keys of `QuantizeOptions.dartquant`, CLI `--dq-*`):
-  epochs   10     passes over the R1 token pool (reference: 10)
-  lr       1e-3   SGD learning rate for Z1 (reference: 1e-3; its 7B script 1.5e-3)
-  momentum 0.9    SGD momentum (reference: 0.9)
-  samples  2048   tokens kept per layer from each captured input (R1 pool = 2 x layers x samples)
-  batch    4096   tokens per SGD step for R1
-  r2_epochs, r2_lr, r2_batch   the same for R2 (defaults: 10, 1e-3, 256 tokens per layer)
-  outliers 32     spikiest tokens kept per layer and input (0: off, the reference's sampling)
-  outlier_weight 0.3  their share w of each step's loss
-  weight_rows 0.0  share of R1's loss given to the q/k/v/gate/up weight rows, each scaled to RMS 1
-                   (our option, off by default): W <- W R1 rotates a row exactly as a token, and
-                   RTN quantizes rows as the activation quantizer does tokens. On SmolLM2 W4A4
-                   RTN, seeds 0-4 (one-thread runs): mean perplexity 119.3 (0.3) vs 124.3 (0) vs
-                   123.7 Hadamard, within the seed-to-seed spread (sd ~10); see bench/RESULTS.md.
-  starts   None   Hadamard starts to learn from (one shared capture); None = 4 with RTN weights, 1
-                   with GPTQ. The pipeline keeps the start whose RTN-quantized model has the lowest
-                   loss on `score_windows` (4) calibration windows: offline/select_rotation.py says why
-  cosine   False  cosine learning-rate decay over the steps (reference option, off by default)
-  windows  None   capture only the first N calibration windows (default: all)
-  capture_batch 8 windows per forward during the capture
-  store    auto   where the hidden states live between layers during the capture (cpu/device)
+Hyper-parameters: `options.DartQuantOptions` (CLI `--dq-*`), with their defaults. Two are ours:
+  weight_rows  share of R1's loss given to the q/k/v/gate/up weight rows, each scaled to RMS 1
+               (off by default): W <- W R1 rotates a row exactly as a token, and RTN quantizes
+               rows as the activation quantizer does tokens. On SmolLM2 W4A4 RTN, seeds 0-4
+               (one-thread runs): mean perplexity 119.3 (0.3) vs 124.3 (0) vs 123.7 Hadamard,
+               within the seed-to-seed spread (sd ~10); see bench/RESULTS.md.
+  starts       Hadamard starts to learn from (one shared capture); by default 4 with RTN weights,
+               1 with GPTQ. The pipeline keeps the start whose RTN-quantized model has the lowest
+               loss on `score_windows` calibration windows: offline/select_rotation.py says why.
+What a run did (loss curves, timings, sizes) is returned as a `DartQuantRun`.
 The reference trains R1 for 10 epochs on 10 % of 128 x 2048-token sequences per epoch (about
 130 steps of 64 x 2048 tokens) from all layers' q_proj / up_proj inputs, and R2 per layer;
 here the pools are token sub-samples kept in memory (a few hundred MB for a 7B model) instead of
@@ -89,32 +78,73 @@ from typing import Any
 import torch
 
 from vllm_rotquant.offline import calibrate
-from vllm_rotquant.offline.rotate import head_geometry, layers_of
+from vllm_rotquant.offline.arch import arch_of, head_geometry
+from vllm_rotquant.offline.options import DartQuantOptions
+from vllm_rotquant.offline.rotate import Rotations
 
 log = logging.getLogger(__name__)
 
-DEFAULTS: dict[str, Any] = {
-    "epochs": 10,
-    "lr": 1e-3,
-    "momentum": 0.9,
-    "samples": 2048,
-    "batch": 4096,
-    "r2_epochs": 10,
-    "r2_lr": 1e-3,
-    "r2_batch": 256,
-    "outliers": 32,
-    "outlier_weight": 0.3,
-    "weight_rows": 0.0,
-    "starts": None,
-    "score_windows": 4,
-    "cosine": False,
-    "windows": None,
-    "capture_batch": 8,
-    "store": "auto",
-}
 
-# The loss curves, timings and sizes of the last `learn_rotations` call (for reports and tests).
-LAST_RUN: dict[str, Any] = {}
+@dataclass(frozen=True)
+class StartRun:
+    """Training record of one start: whip loss of the Hadamard init and after each epoch."""
+
+    r1_loss_init: float
+    r1_loss: tuple[float, ...]
+    r2_loss_init: float
+    r2_loss: tuple[float, ...]
+    r1_s: float
+    r2_s: float
+
+
+@dataclass(frozen=True)
+class DartQuantRun:
+    """What one DartQuant calibration did: its options, each start's training, the capture, and
+    (with several starts, filled in by the pipeline) the starts' quantized scores and the pick."""
+
+    options: DartQuantOptions
+    starts: tuple[StartRun, ...]
+    capture_s: float
+    total_s: float
+    samples: int
+    layers: int
+    start_scores: tuple[float, ...] | None = None
+    chosen_start: int = 0
+    score_s: float | None = None
+
+    @property
+    def chosen(self) -> StartRun:
+        return self.starts[self.chosen_start]
+
+    @property
+    def r1_loss(self) -> tuple[float, ...]:
+        return self.chosen.r1_loss
+
+    @property
+    def r2_loss(self) -> tuple[float, ...]:
+        return self.chosen.r2_loss
+
+    @property
+    def r1_s(self) -> float:
+        return sum(r.r1_s for r in self.starts)
+
+    @property
+    def r2_s(self) -> float:
+        return sum(r.r2_s for r in self.starts)
+
+    def summary(self) -> dict[str, Any]:
+        """Flat, rounded record (for reports and the benchmark table): the chosen start's curves,
+        the times summed over all starts."""
+        out: dict[str, Any] = {
+            "starts": len(self.starts), "chosen_start": self.chosen_start, "samples": self.samples,
+            "layers": self.layers, "capture_s": round(self.capture_s, 2), "r1_s": round(self.r1_s, 2),
+            "r2_s": round(self.r2_s, 2), "total_s": round(self.total_s, 2),
+            "r1_loss_init": round(self.chosen.r1_loss_init, 4), "r1_loss": [round(v, 4) for v in self.r1_loss],
+            "r2_loss_init": round(self.chosen.r2_loss_init, 4), "r2_loss": [round(v, 4) for v in self.r2_loss],
+        }
+        if self.start_scores is not None:
+            out.update(start_scores=[round(v, 5) for v in self.start_scores], score_s=round(self.score_s or 0.0, 2))
+        return out
 
 
 # ----------------------------------------------------------------------------- the two pieces
@@ -226,14 +256,19 @@ def capture(model, windows: torch.Tensor, device: str | torch.device = "cpu", sa
     t0 = time.time()
     config = model.config
     nq, _, hd = head_geometry(config)
+    arch = arch_of(model)
+    decoder_layers = arch.decoder_layers(model)
     device = torch.device(device)
     n_tok = windows.numel()
     s = min(samples, n_tok)
-    wanted = list(range(len(layers_of(model)))) if layers is None else sorted(layers)
+    wanted = list(range(len(decoder_layers))) if layers is None else sorted(layers)
     where = calibrate.choose_store(store, device, n_tok * config.hidden_size * 4)
     inputs = calibrate.capture_first_layer_inputs(model, windows, device, batch_size, store=where)
     r1, r2, r1_sp, r2_sp = [], [], [], []
-    for i, layer in enumerate(layers_of(model)):
+    # R1's data: the input of each norm's readers (all readers of a norm see the same input);
+    # R2's: the o_proj input (the attention values, per head)
+    watched = (arch.attn_readers[0], arch.mlp_readers[0], arch.o_proj)
+    for i, layer in enumerate(decoder_layers):
         if i > wanted[-1]:
             break
         keep = i in wanted
@@ -241,9 +276,8 @@ def capture(model, windows: torch.Tensor, device: str | torch.device = "cpu", sa
         handles, samplers = [], []
         if keep:
             mask = _layer_mask(n_tok, s, seed, i)
-            attn, mlp = layer.self_attn, layer.mlp
-            samplers = [_TokenSampler(mask, outliers) for _ in range(3)]
-            for mod, smp in zip((attn.q_proj, mlp.up_proj, attn.o_proj), samplers):
+            samplers = [_TokenSampler(mask, outliers) for _ in watched]
+            for mod, smp in zip(arch.linears(layer, watched), samplers):
                 handles.append(mod.register_forward_hook(smp))
         try:
             last = i == wanted[-1]
@@ -390,65 +424,54 @@ def reader_weight_rows(model) -> torch.Tensor:
     """The rows of every residual-stream reader (q/k/v, gate/up) scaled to RMS 1 [rows, hidden]:
     R1 rotates them exactly as it rotates a token (W <- W R1) and the per-output-channel weight
     quantizer sees each row as the per-token activation quantizer sees a token."""
+    arch = arch_of(model)
     rows = []
-    for layer in layers_of(model):
-        attn, mlp = layer.self_attn, layer.mlp
-        for lin in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
+    for layer in arch.decoder_layers(model):
+        for lin in arch.linears(layer, arch.attn_readers + arch.mlp_readers):
             w = lin.weight.detach().float()
             rows.append(w / w.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-30))
     return torch.cat(rows)
 
 
-def resolve_options(**options) -> dict[str, Any]:
-    unknown = set(options) - set(DEFAULTS)
-    if unknown:
-        raise ValueError(f"unknown DartQuant option(s) {sorted(unknown)}; known: {sorted(DEFAULTS)}")
-    opts = dict(DEFAULTS)
-    opts.update({k: v for k, v in options.items() if v is not None})
-    return opts
-
-
-def learn_rotations(model, calib_windows: torch.Tensor, r1: torch.Tensor, r2: list[torch.Tensor],
-                    device: str = "cpu", seed: int = 0, **options) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Learn R1 [hidden, hidden] and R2 (per layer [nkv, hd, hd]) from their Hadamard inits.
+def learn_rotations(model, calib_windows: torch.Tensor, init: Rotations,
+                    options: DartQuantOptions = DartQuantOptions(), device: str = "cpu",
+                    seed: int = 0) -> tuple[Rotations, DartQuantRun]:
+    """Learn R1 [hidden, hidden] and R2 (per layer [nkv, hd, hd]) from the Hadamard start `init`
+    (its R3/R4 are kept as they are).
 
     `model`: folded (norm gains 1), untied, unrotated, float32 on the CPU (left unchanged).
-    Returns float64 orthogonal matrices in the shapes of the inputs."""
-    return learn_candidates(model, calib_windows, [(r1, r2)], device, seed, **options)[0]
+    Returns the learned rotations (float64, orthogonal) and the run's record."""
+    learned, run = learn_candidates(model, calib_windows, [init], options, device, seed)
+    return learned[0], run
 
 
-def learn_candidates(model, calib_windows: torch.Tensor, inits: list[tuple[torch.Tensor, list[torch.Tensor]]],
-                     device: str = "cpu", seed: int = 0, **options) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
-    """`learn_rotations` from each (R1, R2) start in `inits`, on one shared capture (the captured
-    activations do not depend on the start). Returns one learned (R1, R2) per start."""
-    o = resolve_options(**options)
+def learn_candidates(model, calib_windows: torch.Tensor, inits: list[Rotations],
+                     options: DartQuantOptions = DartQuantOptions(), device: str = "cpu",
+                     seed: int = 0) -> tuple[list[Rotations], DartQuantRun]:
+    """`learn_rotations` from each start in `inits`, on one shared capture (the captured
+    activations do not depend on the start). Returns one learned `Rotations` per start."""
+    o = options
     t0 = time.time()
-    windows = calib_windows if o["windows"] is None else calib_windows[: o["windows"]]
-    cap = capture(model, windows, device, o["samples"], seed, o["capture_batch"], outliers=o["outliers"],
-                  store=o["store"])
+    windows = calib_windows if o.windows is None else calib_windows[: o.windows]
+    cap = capture(model, windows, device, o.samples, seed, o.capture_batch, outliers=o.outliers, store=o.store)
     n_layers = cap.r1.shape[0]
     log.info("DartQuant: captured %d tokens per layer x %d layers (%.1f s)", cap.extra["samples"], n_layers, cap.seconds)
-    rows = reader_weight_rows(model) if o["weight_rows"] > 0 else None
+    rows = reader_weight_rows(model) if o.weight_rows > 0 else None
     results, runs = [], []
-    for r1, r2 in inits:
-        r1_new, r2_new, run = _learn_one(cap, r1, r2, rows, o, device, seed)
-        results.append((r1_new, [r2_new[i].clone() for i in range(n_layers)]))
+    for init in inits:
+        r1_new, r2_new, run = _learn_one(cap, init.r1, init.r2, rows, o, device, seed)
+        results.append(init.replace(r1=r1_new, r2=tuple(r2_new[i].clone() for i in range(n_layers))))
         runs.append(run)
-    LAST_RUN.clear()
-    LAST_RUN.update(runs[0])  # the first start's curves; the times below cover all starts
-    LAST_RUN.update(options=o, r1_s=sum(r["r1_s"] for r in runs), r2_s=sum(r["r2_s"] for r in runs),
-                    capture_s=cap.seconds, total_s=time.time() - t0,
-                    samples=cap.extra["samples"], layers=n_layers, starts=len(inits))
-    if len(runs) > 1:
-        LAST_RUN["candidate_runs"] = runs
+    record = DartQuantRun(options=o, starts=tuple(runs), capture_s=cap.seconds, total_s=time.time() - t0,
+                          samples=cap.extra["samples"], layers=n_layers)
     del cap
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
-    return results
+    return results, record
 
 
-def _learn_one(cap: Captured, r1: torch.Tensor, r2: list[torch.Tensor], rows: torch.Tensor | None,
-               o: dict[str, Any], device, seed: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+def _learn_one(cap: Captured, r1: torch.Tensor, r2: tuple[torch.Tensor, ...], rows: torch.Tensor | None,
+               o: DartQuantOptions, device, seed: int) -> tuple[torch.Tensor, torch.Tensor, StartRun]:
     n_layers = cap.r1.shape[0]
     hidden = cap.r1.shape[-1]
     t = time.time()
@@ -457,9 +480,9 @@ def _learn_one(cap: Captured, r1: torch.Tensor, r2: list[torch.Tensor], rows: to
         r1f = r1.to(device, torch.float32)
         loss0_r1 = sum(whip_loss(c.to(device) @ r1f).item() * c.shape[0] for c in x1.split(16384)) / x1.shape[0]
     sp1 = cap.r1_spiky.reshape(-1, hidden) if cap.r1_spiky is not None else None
-    r1_new, h1 = train_r1(x1, r1, epochs=o["epochs"], lr=o["lr"], momentum=o["momentum"], batch=o["batch"],
-                          seed=seed, device=device, cosine=o["cosine"], spiky=sp1, spiky_weight=o["outlier_weight"],
-                          rows=rows, rows_weight=o["weight_rows"])
+    r1_new, h1 = train_r1(x1, r1, epochs=o.epochs, lr=o.lr, momentum=o.momentum, batch=o.batch,
+                          seed=seed, device=device, cosine=o.cosine, spiky=sp1, spiky_weight=o.outlier_weight,
+                          rows=rows, rows_weight=o.weight_rows)
     r1_s = time.time() - t
     del x1
     log.info("DartQuant R1: whip %.4f (Hadamard) -> %s (per epoch), %.1f s",
@@ -471,11 +494,12 @@ def _learn_one(cap: Captured, r1: torch.Tensor, r2: list[torch.Tensor], rows: to
         r2f = r2_init.to(device, torch.float32)
         loss0_r2 = sum(_whip_layers(rotate_heads_layers(c.to(device), r2f)).item() * c.shape[1]
                        for c in cap.r2.split(1024, dim=1)) / cap.r2.shape[1] / n_layers
-    r2_new, h2 = train_r2(cap.r2, r2_init, epochs=o["r2_epochs"], lr=o["r2_lr"], momentum=o["momentum"],
-                          batch=o["r2_batch"], seed=seed, device=device, cosine=o["cosine"],
-                          spiky=cap.r2_spiky, spiky_weight=o["outlier_weight"])
+    r2_new, h2 = train_r2(cap.r2, r2_init, epochs=o.r2_epochs, lr=o.r2_lr, momentum=o.momentum,
+                          batch=o.r2_batch, seed=seed, device=device, cosine=o.cosine,
+                          spiky=cap.r2_spiky, spiky_weight=o.outlier_weight)
     r2_s = time.time() - t
     log.info("DartQuant R2: whip %.4f (Hadamard) -> %s (per epoch, mean over layers), %.1f s",
              loss0_r2, " ".join(f"{v:.4f}" for v in h2), r2_s)
-    run = dict(r1_loss_init=loss0_r1, r1_loss=h1, r2_loss_init=loss0_r2, r2_loss=h2, r1_s=r1_s, r2_s=r2_s)
+    run = StartRun(r1_loss_init=loss0_r1, r1_loss=tuple(h1), r2_loss_init=loss0_r2, r2_loss=tuple(h2),
+                   r1_s=r1_s, r2_s=r2_s)
     return r1_new, r2_new, run

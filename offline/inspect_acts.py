@@ -87,17 +87,19 @@ def _recover_from_checkpoint(ckpt: Path, src_model) -> tuple[torch.Tensor, list[
     """R1 from embeddings (exact up to bf16), R2 per KV head from v_proj rows (INT4: approximate)."""
     from vllm_rotquant.format import read_spec, read_tensors, unpack_int4
     from vllm_rotquant.offline import rotate
+    from vllm_rotquant.offline.arch import arch_of
 
     spec, _ = read_spec(ckpt)
     tensors = read_tensors(ckpt)
-    e_src = src_model.model.embed_tokens.weight.detach()
-    r1 = procrustes(e_src, tensors["model.embed_tokens.weight"])
+    arch = arch_of(src_model)
+    e_src = arch.get(src_model, arch.embeddings).weight.detach()
+    r1 = procrustes(e_src, tensors[f"{arch.embeddings}.weight"])
     nq, nkv, hd = rotate.head_geometry(src_model.config)
     r2 = []
-    for i, layer in enumerate(rotate.layers_of(src_model)):
-        stem = f"model.layers.{i}.self_attn.v_proj"
+    for i, layer in enumerate(arch.decoder_layers(src_model)):
+        stem = f"{arch.layer_prefix(i)}.{arch.v_proj}"
         w_ck = dequant_weight_ref(unpack_int4(tensors[f"{stem}.weight_packed"]), tensors[f"{stem}.weight_scale"])
-        a = (layer.self_attn.v_proj.weight.detach().double() @ r1).reshape(nkv, hd, -1)
+        a = (arch.get(layer, arch.v_proj).weight.detach().double() @ r1).reshape(nkv, hd, -1)
         b = w_ck.reshape(nkv, hd, -1)
         # b[h] ~ R2[h]^T a[h]  ->  b[h]^T ~ a[h]^T R2[h]
         r2.append(torch.stack([procrustes(a[h].T, b[h].T) for h in range(nkv)]))
@@ -119,7 +121,8 @@ def inspect(model_path: str, source: str | None = None, layer: int | None = None
             seq_len: int = 2048, act_clip: float = 0.9, seed: int = 0, device: str = "cpu",
             dq_options: dict | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
     """Returns (report, {variant: activations [tokens, channels...]})."""
-    from vllm_rotquant.offline import dartquant, pipeline, rotate
+    from vllm_rotquant.offline import dartquant, rotate
+    from vllm_rotquant.offline.options import DartQuantOptions
     from vllm_rotquant.offline.model_io import load_hf_model
     from vllm_rotquant.offline.simulate import is_rotquant_checkpoint
 
@@ -142,13 +145,14 @@ def inspect(model_path: str, source: str | None = None, layer: int | None = None
         report["checkpoint"] = info
         label = f"{info['rotation']} (from checkpoint)"
     else:
-        r1_h, r2_h = pipeline.hadamard_rotations(model.config, seed)
         calib_windows = _windows(src_dir, calib, calib_tokens, seq_len, seed, eval_like=False)
-        r1_dq, r2_dq = dartquant.learn_rotations(model, calib_windows, r1_h, r2_h, device=device, seed=seed,
-                                                 **(dq_options or {}))
-        report["dartquant_loss"] = {"r1": dartquant.LAST_RUN["r1_loss"], "r2": dartquant.LAST_RUN["r2_loss"]}
+        learned, run = dartquant.learn_rotations(model, calib_windows, rotate.Rotations.hadamard(model.config, seed),
+                                                 DartQuantOptions.from_dict(dq_options or {}), device=device, seed=seed)
+        r1_dq, r2_dq = learned.r1, learned.r2
+        report["dartquant_loss"] = {"r1": list(run.r1_loss), "r2": list(run.r2_loss)}
         label = "DartQuant"
-    r1_h, r2_h = pipeline.hadamard_rotations(model.config, seed)
+    hadamard = rotate.Rotations.hadamard(model.config, seed)
+    r1_h, r2_h = hadamard.r1, hadamard.r2
 
     win = _windows(src_dir, data_text, tokens, seq_len, seed, eval_like=True)
     cap = dartquant.capture(model, win, device, samples=tokens, seed=seed, layers=[layer])

@@ -1,8 +1,12 @@
-"""`rotquant quantize`: load -> fold norms -> rotate (R1, R2, R4) -> quantize weights -> write.
+"""The calibration pipeline: fold norms -> rotate (R1, R2, R4) -> quantize weights -> checkpoint.
 
-The output folder is written into a temporary sibling and renamed into place at the end, so an
-interrupted run never leaves a folder that looks like a checkpoint. Tensors depend only on the
-inputs and the seed (provenance such as wall time goes to config.json, not to the tensors).
+`quantize_model(model, tokenizer, options)` works on an in-memory Hugging Face model and returns
+what a checkpoint holds (its tensors and its `RotQuantSpec`) with a report of what was done;
+`quantize_checkpoint(model_dir, out_dir, options)` is the command line's: it loads a folder,
+calls `quantize_model`, and writes the result. The folder is written into a temporary sibling and
+renamed into place at the end (the activation-clip search runs on the complete temporary folder
+first), so an interrupted run never leaves a folder that looks like a checkpoint. Tensors depend
+only on the inputs and the seed (provenance such as wall time goes to config.json, not to them).
 """
 from __future__ import annotations
 
@@ -19,130 +23,108 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from vllm_rotquant.format import QUANTIZED_PROJECTIONS, RotQuantSpec, pack_int4
-from vllm_rotquant.kernels.hadamard import largest_block, rotation_matrix
-from vllm_rotquant.kernels.layout import gemm_group_supported
+from vllm_rotquant.format import QUANTIZED_PROJECTIONS, SCALE_SUFFIX, RotQuantSpec, pack_int4
+from vllm_rotquant.kernels.hadamard import largest_block
 from vllm_rotquant.kernels.reference import dequant_weight_ref
-from vllm_rotquant.offline import act_clip, calibrate, data, quantize, rotate
+from vllm_rotquant.offline import act_clip, calibrate, data, quantize
+from vllm_rotquant.offline.arch import ArchMapping, arch_of, head_geometry
 from vllm_rotquant.offline.model_io import atomic_folder, load_hf_model, load_tokenizer
+from vllm_rotquant.offline.options import QuantizeOptions
+from vllm_rotquant.offline.rotate import Rotations, apply_rotations, fold_norms
 
 log = logging.getLogger(__name__)
 
-ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
-# GPTQ runs "true-sequential": each group is quantized after the groups before it, on inputs
-# that already see their quantized weights.
-SEQUENTIAL_GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("self_attn", ("o_proj",)),
-                     ("mlp", ("gate_proj", "up_proj")), ("mlp", ("down_proj",)))
 SHARD_BYTES = 4 * 2 ** 30
+WEIGHT_FILES = (".safetensors", ".bin", ".index.json", ".pt", ".gguf")  # not copied from the source folder
 
 
-@dataclasses.dataclass
-class QuantizeOptions:
-    rotation: str = "hadamard"  # none | hadamard | dartquant
-    weights: str = "rtn"  # rtn | gptq
-    w_bits: int = 4
-    a_bits: int = 4
-    group_size: int | None = None
-    act_clip_ratio: float | str = "auto"  # a ratio in (0, 1], or "auto": searched on calibration text (act_clip.py)
-    act_symmetric: bool = True  # False: per-token asymmetric (zero point), as DartQuant's scripts
-    calib: str = "brown"
-    calib_tokens: int = 128 * 2048
-    calib_seq_len: int = 2048
-    seed: int = 0
-    device: str = "cpu"
-    tp_sizes: tuple[int, ...] | None = None  # None: every power of two up to 8 the shapes allow
-    r4_block: int | None = None  # None: largest Hadamard order dividing intermediate/max(tp), <= 2048
-    gptq_damp: float = 0.01
-    batch_size: int = 8
-    dartquant: dict[str, Any] = dataclasses.field(default_factory=dict)
-    overwrite: bool = False
+@dataclasses.dataclass(frozen=True)
+class QuantizeReport:
+    """What a quantization did: its options, calibration, rotations' training, timings and sizes.
+    `quantize_model` fills the calibration part; `quantize_checkpoint` adds the write, the
+    activation-clip search and the paths."""
 
+    options: QuantizeOptions
+    architecture: str
+    calib_data: str | None  # the calibration text (None: none was needed)
+    calib_tokens: int
+    act_clip_ratio: float  # the ratio written (searched by quantize_checkpoint when options say "auto")
+    prepare_s: float  # fold + tokenize
+    rotation_s: float | None  # rotations chosen (DartQuant: learned) and absorbed; None: no rotation
+    weights_s: float
+    peak_memory_mb: float
+    seconds: float
+    dartquant: Any = None  # dartquant.DartQuantRun with --rotation dartquant
+    # the calibration token windows [n, T] (the clip search on the written checkpoint scores on them)
+    calib_windows: torch.Tensor | None = dataclasses.field(default=None, repr=False, compare=False)
+    act_clip: dict[str, Any] | None = None  # the clip search's record (act_clip.tune)
+    load_s: float | None = None
+    write_s: float | None = None
+    act_clip_s: float | None = None
+    model: str | None = None
+    out: str | None = None
+    output_mb: float | None = None
 
-def default_tp_sizes(config) -> tuple[int, ...]:
-    nq, nkv, _ = rotate.head_geometry(config)
-    return tuple(tp for tp in (1, 2, 4, 8)
-                 if nq % tp == 0 and (nkv % tp == 0 or tp % nkv == 0) and config.intermediate_size % tp == 0)
-
-
-def check_group_size(config, group_size: int | None, tp_sizes: tuple[int, ...]) -> None:
-    """Fail before any calibration when `group_size` does not split every linear's input on every
-    rank (o_proj and down_proj are row-parallel: their inputs are split over TP); warn when the
-    CUDA GEMM cannot serve it (`gemm_group_supported`), which the CPU path still can."""
-    if not group_size:
-        return
-    if group_size < 2 or group_size % 2:
-        raise ValueError(f"--group-size {group_size}: must be a positive even number")
-    nq, _, hd = rotate.head_geometry(config)
-    inputs = [("hidden_size (q/k/v/gate/up input)", config.hidden_size)]
-    inputs += [(f"o_proj input per rank at tp {tp}", nq * hd // tp) for tp in tp_sizes]
-    inputs += [(f"down_proj input per rank at tp {tp}", config.intermediate_size // tp) for tp in tp_sizes]
-    for name, width in inputs:
-        if width % group_size:
-            raise ValueError(f"--group-size {group_size} does not divide the {name} = {width} (choose a divisor, "
-                             f"or restrict --tp-sizes)")
-    bad = [f"{name} = {width}" for name, width in inputs if not gemm_group_supported(width, group_size)]
-    if bad:
-        log.warning("--group-size %d: the CUDA INT4 GEMM cannot serve it (needs a power of two in [32, 512] "
-                    "dividing half of each input: %s); the checkpoint runs on the CPU reference path only",
-                    group_size, ", ".join(bad))
+    def summary(self) -> dict[str, Any]:
+        """Flat JSON-able summary (what `rotquant quantize` prints); unset timings are left out."""
+        o = self.options
+        out = {"model": self.model, "out": self.out, "architecture": self.architecture, "rotation": o.rotation,
+               "weights": o.weights, "weight_bits": o.weight_bits, "act_bits": o.act_bits,
+               "act_symmetric": o.act_symmetric, "group_size": o.group_size, "act_clip_ratio": self.act_clip_ratio,
+               "calib_tokens": self.calib_tokens, "seconds": round(self.seconds, 1),
+               "peak_memory_mb": round(self.peak_memory_mb, 1), "output_mb": self.output_mb}
+        for key in ("load_s", "prepare_s", "rotation_s", "weights_s", "write_s", "act_clip_s"):
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = round(value, 1)
+        return {k: v for k, v in out.items() if v is not None or k in ("group_size",)}
 
 
 def plan_r4_block(config, tp_sizes: tuple[int, ...], requested: int | None) -> int:
+    """The R4 block: `requested`, or the largest Hadamard order dividing intermediate/max(tp)."""
     width = config.intermediate_size // max(tp_sizes)
     block = requested or largest_block(width)
     if width % block:
-        raise ValueError(f"--r4-block {block} does not divide intermediate_size/tp = {config.intermediate_size}/{max(tp_sizes)}")
+        raise ValueError(f"--r4-block {block} does not divide intermediate_size/tp = "
+                         f"{config.intermediate_size}/{max(tp_sizes)}")
     return block
 
 
-def hadamard_rotations(config, seed: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """QuaRot-style R1 (hidden) and per-layer, per-KV-head R2, seeded and reproducible."""
-    _, nkv, hd = rotate.head_geometry(config)
-    r1 = rotation_matrix(config.hidden_size, seed)
-    r2 = [torch.stack([rotation_matrix(hd, seed + 1 + 1000 * (i + 1) + h) for h in range(nkv)])
-          for i in range(config.num_hidden_layers)]
-    return r1, r2
+def calibration_windows(tokenizer, options: QuantizeOptions) -> torch.Tensor:
+    """The seeded calibration windows [n, calib_seq_len] from the text `options.calib`."""
+    ids = data.tokenize(tokenizer, data.load_text(options.calib))
+    windows = data.calibration_windows(ids, options.calib_seq_len, options.calib_tokens, options.seed)
+    log.info("calibration: %d x %d tokens from %s", *windows.shape, options.calib)
+    return windows
 
 
-RTN_STARTS = 4  # DartQuant starts scored when the weights are RTN (see offline/select_rotation.py)
-
-
-def dartquant_rotations(model, windows: torch.Tensor, r4_block: int, opts: QuantizeOptions):
-    """DartQuant R1/R2. With GPTQ weights: learned from the seed's Hadamard. With RTN weights:
-    learned from `starts` Hadamard seeds (default RTN_STARTS) and the one whose RTN-quantized
-    model has the lowest loss on `score_windows` calibration windows is kept."""
+def dartquant_rotations(model, windows: torch.Tensor, r4_block: int, r3_block: int, opts: QuantizeOptions):
+    """DartQuant R1/R2 -> (Rotations, DartQuantRun). With GPTQ weights: learned from the seed's
+    Hadamard. With RTN weights: learned from `opts.dartquant_starts` Hadamard seeds, and the one
+    whose RTN-quantized model has the lowest loss on `score_windows` calibration windows is kept."""
     from vllm_rotquant.offline import dartquant, select_rotation
 
-    o = dartquant.resolve_options(**opts.dartquant)
-    if opts.a_bits >= 8:
+    if opts.act_bits >= 8:
         log.warning("--rotation dartquant with %d-bit activations: DartQuant shapes the rotations for the "
                     "activation quantizer, which loses almost nothing at 8 bits; on SmolLM2 (W4A8, 5 seeds) it "
-                    "did not beat --rotation hadamard, which costs no calibration (bench/RESULTS.md)", opts.a_bits)
-    starts = o["starts"] or (RTN_STARTS if opts.weights == "rtn" else 1)
-    if starts > 1 and opts.weights != "rtn":
-        raise ValueError(f"DartQuant starts={starts} picks a rotation by its RTN-quantized loss; with "
-                         f"--weights {opts.weights} use one start (GPTQ corrects the rounding itself)")
-    inits = [hadamard_rotations(model.config, opts.seed + 100_003 * k) for k in range(starts)]
-    cands = dartquant.learn_candidates(model, windows, inits, device=opts.device, seed=opts.seed, **opts.dartquant)
+                    "did not beat --rotation hadamard, which costs no calibration (bench/RESULTS.md)", opts.act_bits)
+    inits = [Rotations.hadamard(model.config, opts.seed + 100_003 * k, r4_block, r3_block)
+             for k in range(opts.dartquant_starts)]
+    cands, run = dartquant.learn_candidates(model, windows, inits, opts.dartquant, device=opts.device, seed=opts.seed)
     if len(cands) == 1:
-        return cands[0]
+        return cands[0], run
     t0 = time.time()
-    scores = [select_rotation.quantized_nll(model, windows[: o["score_windows"]], r1, r2, r4_block, w_bits=opts.w_bits,
-                                            group_size=opts.group_size, a_bits=opts.a_bits, clip=initial_clip(opts),
-                                            act_symmetric=opts.act_symmetric, device=opts.device, batch_size=opts.batch_size)
-              for r1, r2 in tqdm(cands, desc="score rotations", unit="start")]
+    scores = [select_rotation.quantized_nll(model, windows[: opts.dartquant.score_windows], cand,
+                                            weight_bits=opts.weight_bits, group_size=opts.group_size,
+                                            act_bits=opts.act_bits, clip=opts.initial_clip,
+                                            act_symmetric=opts.act_symmetric, device=opts.device,
+                                            batch_size=opts.batch_size)
+              for cand in tqdm(cands, desc="score rotations", unit="start")]
     best = min(range(len(scores)), key=scores.__getitem__)
     seconds = time.time() - t0
-    log.info("DartQuant: %d starts, W%dA%d RTN calibration NLL %s -> start %d (%.1f s)", starts, opts.w_bits,
-             opts.a_bits, " ".join(f"{v:.4f}" for v in scores), best, seconds)
-    dartquant.LAST_RUN.update(start_scores=scores, chosen_start=best, score_s=seconds)
-    return cands[best]
-
-
-def initial_clip(opts: QuantizeOptions) -> float:
-    """The clip ratio written first (and used to score DartQuant starts): the given one, or
-    act_clip.START when it is searched after the weights are quantized."""
-    return act_clip.START if opts.act_clip_ratio == "auto" else float(opts.act_clip_ratio)
+    log.info("DartQuant: %d starts, W%dA%d RTN calibration NLL %s -> start %d (%.1f s)", len(cands),
+             opts.weight_bits, opts.act_bits, " ".join(f"{v:.4f}" for v in scores), best, seconds)
+    return cands[best], dataclasses.replace(run, start_scores=tuple(scores), chosen_start=best, score_s=seconds)
 
 
 def peak_memory_mb(device: str) -> float:
@@ -151,159 +133,243 @@ def peak_memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def quantize_checkpoint(model_dir: str | Path, out_dir: str | Path, opts: QuantizeOptions) -> dict[str, Any]:
-    """Run the whole pipeline; return a summary dict (also stored under calibration in config.json)."""
+def _unquantized_dtype(config: dict[str, Any]) -> torch.dtype:
+    """Embeddings, norms, lm_head and biases are stored in float16 for a float16 source, else bfloat16."""
+    return torch.float16 if (config.get("torch_dtype") or config.get("dtype")) in ("float16", torch.float16) \
+        else torch.bfloat16
+
+
+def quantize_model(model, tokenizer, options: QuantizeOptions = QuantizeOptions(), *,
+                   calib_windows: torch.Tensor | None = None, unquantized_dtype: torch.dtype | None = None,
+                   ) -> tuple[dict[str, torch.Tensor], RotQuantSpec, QuantizeReport]:
+    """Quantize an in-memory HF causal LM (float32 on the CPU for exact absorption; it is
+    modified in place: folded, rotated, and with GPTQ each linear's weight replaced by its
+    dequantized INT4 values).
+
+    `tokenizer` turns `options.calib` into calibration windows when the options need them
+    (GPTQ, DartQuant, the clip search); `calib_windows` [n, T] token ids are used instead when
+    given (then `options.calib` is only recorded). `unquantized_dtype`: dtype of the tensors
+    stored as they are (default: float16 if the model's config says so, else bfloat16).
+    An "auto" clip is not searched here: it needs the written checkpoint (quantize_checkpoint
+    runs it); the spec then holds act_clip.START.
+
+    Returns (tensors: name -> tensor as the checkpoint holds them, spec, report)."""
     t0 = time.time()
-    out = Path(out_dir)
-    if out.exists() and not opts.overwrite:
-        raise FileExistsError(f"{out} exists (pass --overwrite to replace it)")
+    opts = options
+    arch = arch_of(model)
+    arch.check(model)
+    config = model.config
+    opts.check_model(config)
+    tp_sizes = opts.tp_sizes_for(config)
+    dtype = next(model.parameters()).dtype
+    if dtype != torch.float32:
+        log.warning("quantize_model: the model is %s; the rotated weights are stored back in it, so pass a "
+                    "float32 model to keep the absorption exact (the products run in float64)", dtype)
     if opts.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    act_clip.check_ratio(opts.act_clip_ratio)
-    tune_clip = opts.act_clip_ratio == "auto" and opts.a_bits < 16
     torch.manual_seed(opts.seed)
-    model = load_hf_model(model_dir, torch.float32)
-    config = model.config
-    tp_sizes = tuple(opts.tp_sizes or default_tp_sizes(config))
-    check_group_size(config, opts.group_size, tp_sizes)
-    rotate.fold_norms(model)
-    needs_calib = opts.weights == "gptq" or opts.rotation == "dartquant" or tune_clip
-    calib_windows = None
-    if needs_calib:
-        tokenizer = load_tokenizer(model_dir)
-        ids = data.tokenize(tokenizer, data.load_text(opts.calib))
-        calib_windows = data.calibration_windows(ids, opts.calib_seq_len, opts.calib_tokens, opts.seed)
-        log.info("calibration: %d x %d tokens from %s", *calib_windows.shape, opts.calib)
+    fold_norms(model)
+    windows = calib_windows
+    if opts.needs_calibration and windows is None:
+        if tokenizer is None:
+            raise ValueError("these options need calibration text (GPTQ, DartQuant or --act-clip auto): "
+                             "pass a tokenizer or calib_windows")
+        windows = calibration_windows(tokenizer, opts)
+    prepare_s = time.time() - t0
 
-    r4_block = qk_block = None
-    timings: dict[str, float] = {"prepare_s": time.time() - t0}  # load, fold, tokenize
+    rotations, dq_run, rotation_s = Rotations(), None, None
     if opts.rotation != "none":
         t = time.time()
         r4_block = plan_r4_block(config, tp_sizes, opts.r4_block)
+        r3_block = head_geometry(config)[2]
         if opts.rotation == "dartquant":
-            r1, r2 = dartquant_rotations(model, calib_windows, r4_block, opts)
+            rotations, dq_run = dartquant_rotations(model, windows, r4_block, r3_block, opts)
         else:
-            r1, r2 = hadamard_rotations(config, opts.seed)
-        rotate.rotate_residual(model, r1, opts.device)
-        qk_block = rotate.head_geometry(config)[2]
-        for layer, r2_layer in zip(rotate.layers_of(model), r2):
-            rotate.rotate_values(layer, r2_layer, config, opts.device)
-            rotate.absorb_down_hadamard(layer, r4_block, opts.device)
-        timings["rotation_s"] = time.time() - t
+            rotations = Rotations.hadamard(config, opts.seed, r4_block, r3_block)
+        # GPTQ's calibration forwards run the fp model: it needs the online twin of R4
+        hooks = apply_rotations(model, rotations, opts.device, online=opts.weights == "gptq")
+        rotation_s = time.time() - t
+    else:
+        hooks = []
 
     t = time.time()
-    if opts.weights == "rtn":
-        packed = _quantize_rtn(model, opts)
-    elif opts.weights == "gptq":
-        hooks = rotate.install_online_hadamard(model, r4_block) if r4_block else []
-        try:
-            packed = _quantize_gptq(model, calib_windows, opts)
-        finally:
-            for h in hooks:
-                h.remove()
-    else:
-        raise ValueError(f"unknown weight quantizer {opts.weights!r} (rtn or gptq)")
-    timings["weights_s"] = time.time() - t
+    try:
+        if opts.weights == "rtn":
+            packed = _quantize_rtn(model, arch, opts)
+        else:
+            packed = _quantize_gptq(model, arch, windows, opts)
+    finally:
+        for h in hooks:
+            h.remove()
+    weights_s = time.time() - t
 
+    if unquantized_dtype is None:
+        unquantized_dtype = _unquantized_dtype({"dtype": getattr(config, "dtype", None)})
+    tensors = checkpoint_tensors(model, arch, packed, unquantized_dtype)
+    timings = {"prepare_s": prepare_s, "weights_s": weights_s}
+    if rotation_s is not None:
+        timings["rotation_s"] = rotation_s
     spec = RotQuantSpec(
-        weight_bits=opts.w_bits, group_size=opts.group_size, act_bits=opts.a_bits,
-        act_clip_ratio=initial_clip(opts), act_symmetric=opts.act_symmetric, rotation=opts.rotation, seed=opts.seed,
-        down_proj_block=r4_block, qk_block=qk_block, tp_sizes=tp_sizes,
+        weight_bits=opts.weight_bits, group_size=opts.group_size, act_bits=opts.act_bits,
+        act_clip_ratio=opts.initial_clip, act_symmetric=opts.act_symmetric, rotation=opts.rotation, seed=opts.seed,
+        down_proj_block=rotations.r4_block, qk_block=rotations.r3_block, tp_sizes=tp_sizes,
         calibration={
-            "method": opts.weights, "data": opts.calib if needs_calib else None,
-            "tokens": int(calib_windows.numel()) if calib_windows is not None else 0,
-            "seq_len": opts.calib_seq_len, "damp": opts.gptq_damp if opts.weights == "gptq" else None,
-            "dartquant": opts.dartquant if opts.rotation == "dartquant" else None,
+            "method": opts.weights, "data": opts.calib if opts.needs_calibration else None,
+            "tokens": int(windows.numel()) if windows is not None else 0, "seq_len": opts.calib_seq_len,
+            "gptq": opts.gptq.to_dict() if opts.weights == "gptq" else None,
+            "dartquant": opts.dartquant.to_dict() if opts.rotation == "dartquant" else None,
             "device": opts.device, **{k: round(v, 2) for k, v in timings.items()},
         })
-    t = time.time()
-    clip_record: dict[str, Any] = {}
+    report = QuantizeReport(
+        options=opts, architecture=arch.name, calib_data=spec.calibration["data"],
+        calib_tokens=spec.calibration["tokens"], act_clip_ratio=spec.act_clip_ratio, prepare_s=prepare_s,
+        rotation_s=rotation_s, weights_s=weights_s, peak_memory_mb=peak_memory_mb(opts.device),
+        seconds=time.time() - t0, dartquant=dq_run, calib_windows=windows)
+    return tensors, spec, report
+
+
+def quantize_checkpoint(model_dir: str | Path, out_dir: str | Path, options: QuantizeOptions = QuantizeOptions(),
+                        *, overwrite: bool = False) -> QuantizeReport:
+    """Load the HF folder `model_dir`, quantize it (`quantize_model`) and write the checkpoint to
+    `out_dir` (`save_checkpoint`: atomically, the clip searched first when the options say "auto").
+    Returns the report (its calibration part is also stored in config.json)."""
+    t0 = time.time()
+    model_dir, out = Path(model_dir), Path(out_dir)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists (pass --overwrite to replace it)")
+    model = load_hf_model(model_dir, torch.float32)
+    tokenizer = load_tokenizer(model_dir) if options.needs_calibration else None
+    src_cfg = json.loads((model_dir / "config.json").read_text())
+    load_s = time.time() - t0
+    tensors, spec, report = quantize_model(model, tokenizer, options, unquantized_dtype=_unquantized_dtype(src_cfg))
+    del model
+    spec = dataclasses.replace(spec, calibration={**spec.calibration, "load_s": round(load_s, 2)})
+    report = dataclasses.replace(report, load_s=load_s, model=str(model_dir))
+    return save_checkpoint(out, tensors, spec, report, src_cfg, copy_from=model_dir, overwrite=overwrite)
+
+
+def save_checkpoint(out_dir: str | Path, tensors: dict[str, torch.Tensor], spec: RotQuantSpec, report: QuantizeReport,
+                    config: dict[str, Any], *, copy_from: str | Path | None = None, tokenizer=None,
+                    overwrite: bool = False) -> QuantizeReport:
+    """Write `quantize_model`'s result as a checkpoint folder, atomically (`write_checkpoint`;
+    `config`: the source model's config.json as a dict, `copy_from` / `tokenizer`: where the
+    tokenizer files come from). When the options ask for an "auto" activation clip, it is searched
+    on the complete temporary folder (act_clip.tune, on the report's calibration windows) before
+    the rename. Returns the report completed with the write, the search and the sizes."""
+    t0 = time.time()
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists (pass --overwrite to replace it)")
+    options = report.options
+    config = dict(config)
+    if not config.get("architectures"):
+        config["architectures"] = [report.architecture]
+    done: dict[str, Any] = {}
 
     def finalize(folder: Path) -> None:  # inside the atomic write: the searched clip lands with the rest
-        timings["write_s"] = time.time() - t
-        if tune_clip:
-            clip_record.update(act_clip.tune(folder, calib_windows, opts.device))
-            timings["act_clip_s"] = clip_record["seconds"]
+        done["write_s"] = time.time() - t0
+        if options.tune_clip:
+            done["act_clip"] = act_clip.tune(folder, report.calib_windows, options.device)
 
-    size = write_checkpoint(model, packed, spec, Path(model_dir), out, finalize=finalize)
-    summary = {
-        "model": str(model_dir), "out": str(out), "rotation": opts.rotation, "weights": opts.weights,
-        "w_bits": opts.w_bits, "a_bits": opts.a_bits, "act_symmetric": opts.act_symmetric, "group_size": opts.group_size,
-        "act_clip_ratio": clip_record.get("chosen", spec.act_clip_ratio),
-        "calib_tokens": spec.calibration["tokens"], "seconds": round(time.time() - t0, 1),
-        "peak_memory_mb": round(peak_memory_mb(opts.device), 1), "output_mb": round(size / 2 ** 20, 1),
-        **{k: round(v, 1) for k, v in timings.items()},
-    }
-    log.info("quantized %s -> %s in %.1f s", model_dir, out, summary["seconds"])
-    return summary
+    size = write_checkpoint(out, tensors, spec, config, copy_from=copy_from, tokenizer=tokenizer, finalize=finalize)
+    record = done.get("act_clip")
+    report = dataclasses.replace(
+        report, write_s=done["write_s"], act_clip=record, act_clip_s=record["seconds"] if record else None,
+        act_clip_ratio=record["chosen"] if record else spec.act_clip_ratio, out=str(out),
+        output_mb=round(size / 2 ** 20, 1), peak_memory_mb=peak_memory_mb(options.device),
+        seconds=(report.load_s or 0.0) + report.seconds + time.time() - t0)
+    log.info("quantized %s -> %s in %.1f s", report.model or "the model", out, report.seconds)
+    return report
 
 
-def _quantize_rtn(model, opts: QuantizeOptions) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def _quantize_rtn(model, arch: ArchMapping, opts: QuantizeOptions) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """RTN on `opts.device`, one weight at a time (the clip search is 21 passes over each weight:
     14 s per 7B layer on 16 host cores, well under a second on an H100)."""
     device = torch.device(opts.device)
     packed = {}
-    layers = rotate.layers_of(model)
-    for i, layer in enumerate(tqdm(layers, desc="RTN", unit="layer")):
-        for name, lin in rotate.quantized_linears(layer):
-            q, s = quantize.rtn(lin.weight.data.to(device), opts.w_bits, opts.group_size)
-            packed[f"model.layers.{i}.{name}"] = (q.cpu(), s.cpu())
+    for i, layer in enumerate(tqdm(arch.decoder_layers(model), desc="RTN", unit="layer")):
+        for name, lin in arch.quantized_linears(layer):
+            q, s = quantize.rtn(lin.weight.data.to(device), opts.weight_bits, opts.group_size)
+            packed[f"{arch.layer_prefix(i)}.{name}"] = (q.cpu(), s.cpu())
     return packed
 
 
-def _quantize_gptq(model, windows: torch.Tensor, opts: QuantizeOptions) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def _quantize_gptq(model, arch: ArchMapping, windows: torch.Tensor,
+                   opts: QuantizeOptions) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """GPTQ layer by layer, "true-sequential" (arch.sequential_groups): each group is quantized on
+    inputs that already see the quantized groups before it."""
     device = torch.device(opts.device)
+    g = opts.gptq
     # the hidden states stay on the accelerator when they fit: 5 passes per layer would otherwise
     # move them to and from the host 5 times (4.3 GB each way for 7B on 128 x 2048 tokens)
     store = calibrate.choose_store("auto", device, windows.numel() * model.config.hidden_size * 4)
     inputs = calibrate.capture_first_layer_inputs(model, windows, device, opts.batch_size, store=store)
     packed = {}
-    layers = rotate.layers_of(model)
-    for i, layer in enumerate(tqdm(layers, desc="GPTQ", unit="layer")):
+    for i, layer in enumerate(tqdm(arch.decoder_layers(model), desc="GPTQ", unit="layer")):
         layer.to(device)
-        for parent, names in SEQUENTIAL_GROUPS:
-            mods = {n: getattr(getattr(layer, parent), n) for n in names}
-            first = mods[names[0]]  # the modules of a group read the same input: one Hessian
+        for group in arch.sequential_groups:
+            mods = {path: arch.get(layer, path) for path in group}
+            first = mods[group[0]]  # the modules of a group read the same input: one Hessian
             acc = quantize.HessianAccumulator(first.in_features, device)
             handle = first.register_forward_hook(acc.hook)
             try:
                 calibrate.run_layer(layer, inputs, keep_outputs=False, stop_at=first)
             finally:
                 handle.remove()
-            for n, m in mods.items():
-                q, s = quantize.gptq(m.weight.data, acc.h, opts.w_bits, opts.group_size, damp=opts.gptq_damp)
-                packed[f"model.layers.{i}.{parent}.{n}"] = (q.cpu(), s.cpu())
+            for path, m in mods.items():
+                q, s = quantize.gptq(m.weight.data, acc.h, opts.weight_bits, opts.group_size, damp=g.damp,
+                                     block=g.block, act_order=g.act_order)
+                packed[f"{arch.layer_prefix(i)}.{path}"] = (q.cpu(), s.cpu())
                 m.weight.data = dequant_weight_ref(q, s, m.weight.dtype)
         inputs.hidden = calibrate.run_layer(layer, inputs)
         layer.to("cpu")
     return packed
 
 
-def write_checkpoint(model, packed: dict[str, tuple[torch.Tensor, torch.Tensor]], spec: RotQuantSpec,
-                     source_dir: Path, out: Path, finalize: Callable[[Path], None] | None = None) -> int:
-    """Write config.json (+ quantization_config), safetensors and the tokenizer files atomically;
-    `finalize(folder)` runs on the complete folder before it is renamed into place."""
-    src_cfg = json.loads((source_dir / "config.json").read_text())
-    dtype = {"float16": torch.float16}.get(src_cfg.get("torch_dtype") or src_cfg.get("dtype"), torch.bfloat16)
+def checkpoint_tensors(model, arch: ArchMapping, packed: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                       dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors: packed INT4 + float16 scales for every quantized linear, the rest
+    of the state dict in `dtype` (sorted by name, contiguous)."""
     tensors: dict[str, torch.Tensor] = {}
+    used = set()
     for name, p in model.state_dict().items():
         stem, _, leaf = name.rpartition(".")
-        if stem.endswith(QUANTIZED_PROJECTIONS) and leaf == "weight":
+        if leaf == "weight" and stem in packed:
             q, s = packed[stem]
             tensors[f"{stem}.weight_packed"] = pack_int4(q)
-            tensors[f"{stem}.weight_scale"] = s.to(torch.float16)
-        elif "rotary_emb" not in name:
+            tensors[f"{stem}.{SCALE_SUFFIX}"] = s.to(torch.float16)
+            used.add(stem)
+        elif leaf == "weight" and stem.endswith(QUANTIZED_PROJECTIONS):
+            raise ValueError(f"{name}: a projection the checkpoint quantizes was not quantized")
+        elif not name.startswith(arch.rotary + "."):
             tensors[name] = p.detach().to(dtype)
-    tensors = {k: v.contiguous() for k, v in sorted(tensors.items())}
-    config = dict(src_cfg)
+    if used != set(packed):
+        raise ValueError(f"quantized linears missing from the model's state dict: {sorted(set(packed) - used)[:3]}")
+    return {k: v.contiguous() for k, v in sorted(tensors.items())}
+
+
+def write_checkpoint(out: str | Path, tensors: dict[str, torch.Tensor], spec: RotQuantSpec, config: dict[str, Any], *,
+                     copy_from: str | Path | None = None, tokenizer=None,
+                     finalize: Callable[[Path], None] | None = None) -> int:
+    """Write config.json (`config`, the source model's, + quantization_config), the tensors and the
+    tokenizer (files of `copy_from` other than weights and config.json, or `tokenizer` saved)
+    atomically; `finalize(folder)` runs on the complete folder before it is renamed into place.
+    Returns the bytes written."""
+    out = Path(out)
+    dtype = next((t.dtype for k, t in tensors.items() if t.is_floating_point() and not k.endswith(SCALE_SUFFIX)),
+                 torch.bfloat16)
+    config = dict(config)
     config.update(quantization_config=spec.to_dict(), tie_word_embeddings=False, torch_dtype=str(dtype).split(".")[-1])
     config.pop("dtype", None)
     with atomic_folder(out) as tmp:
         _save_shards(tensors, tmp)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        for f in source_dir.iterdir():
-            if f.is_file() and f.name != "config.json" and not f.name.endswith((".safetensors", ".bin", ".index.json", ".pt", ".gguf")):
-                shutil.copy2(f, tmp / f.name)
+        if copy_from is not None:
+            for f in Path(copy_from).iterdir():
+                if f.is_file() and f.name != "config.json" and not f.name.endswith(WEIGHT_FILES):
+                    shutil.copy2(f, tmp / f.name)
+        elif tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
         size = sum(f.stat().st_size for f in tmp.iterdir())
         if finalize is not None:
             finalize(tmp)

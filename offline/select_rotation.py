@@ -14,7 +14,7 @@ no such search.
 
 The model is run layer by layer like the calibrator itself (one rotated, quantized layer copy
 on the device at a time). Arithmetic: weights RTN-dequantized in float32, activations
-fake-quantized per token (symmetric or asymmetric, clip, `a_bits`) at every linear's input, the R4 block
+fake-quantized per token (symmetric or asymmetric, clip, `act_bits`) at every linear's input, the R4 block
 Hadamard online before down_proj's quantizer. lm_head stays in full precision, as served."""
 from __future__ import annotations
 
@@ -24,7 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from vllm_rotquant.kernels.reference import dequant_weight_ref, fake_quant_act
-from vllm_rotquant.offline import calibrate, quantize, rotate
+from vllm_rotquant.offline import calibrate, quantize
+from vllm_rotquant.offline.arch import ArchMapping, arch_of
+from vllm_rotquant.offline.rotate import Rotations, apply_layer_rotations
 
 
 def _fake_quant_hook(clip: float, bits: int, symmetric: bool = True):
@@ -33,46 +35,44 @@ def _fake_quant_hook(clip: float, bits: int, symmetric: bool = True):
     return hook
 
 
-def _quantized_layer(layer, r1: torch.Tensor, r2: torch.Tensor, r4_block: int | None, config,
-                     device: torch.device, w_bits: int | None, group_size: int | None,
-                     a_bits: int, clip: float, act_symmetric: bool = True):
-    """A rotated, quantized copy of `layer` on `device`, with its activation hooks installed."""
+def _quantized_layer(layer, index: int, rotations: Rotations, arch: ArchMapping, device: torch.device,
+                     weight_bits: int | None, group_size: int | None, act_bits: int, clip: float,
+                     act_symmetric: bool = True):
+    """A rotated, quantized copy of decoder layer `index` on `device`, with its activation hooks
+    installed (the online R4 first: it runs before down_proj's quantizer)."""
     q = copy.deepcopy(layer).to(device)
-    rotate.rotate_layer_residual(q, r1)
-    rotate.rotate_values(q, r2, config, device)
-    if r4_block:
-        rotate.absorb_down_hadamard(q, r4_block, device)
-        q.mlp.down_proj.register_forward_pre_hook(rotate.OnlineHadamard(r4_block))  # before the quantizer
-    for _, lin in rotate.quantized_linears(q):
-        if w_bits is not None:
-            w, s = quantize.rtn(lin.weight.data, w_bits, group_size)
+    apply_layer_rotations(q, rotations, index, arch, device, online=True)
+    for _, lin in arch.quantized_linears(q):
+        if weight_bits is not None:
+            w, s = quantize.rtn(lin.weight.data, weight_bits, group_size)
             lin.weight.data = dequant_weight_ref(w, s, lin.weight.dtype)
-        if a_bits < 16:
-            lin.register_forward_pre_hook(_fake_quant_hook(clip, a_bits, act_symmetric))
+        if act_bits < 16:
+            lin.register_forward_pre_hook(_fake_quant_hook(clip, act_bits, act_symmetric))
     return q
 
 
 @torch.no_grad()
-def quantized_nll(model, windows: torch.Tensor, r1: torch.Tensor, r2: list[torch.Tensor],
-                  r4_block: int | None, *, w_bits: int | None = 4, group_size: int | None = None,
-                  a_bits: int = 4, clip: float = 0.9, act_symmetric: bool = True, device: str | torch.device = "cpu",
-                  batch_size: int = 4) -> float:
+def quantized_nll(model, windows: torch.Tensor, rotations: Rotations, *, weight_bits: int | None = 4,
+                  group_size: int | None = None, act_bits: int = 4, clip: float = 0.9, act_symmetric: bool = True,
+                  device: str | torch.device = "cpu", batch_size: int = 4) -> float:
     """Mean next-token NLL on `windows` [n, T] of `model` (folded, unrotated, fp32, on the CPU;
-    left unchanged) rotated by r1 / r2 (+ R4 blocks) with RTN `w_bits` weights (None: full
-    precision) and per-token `a_bits` activations (16: full precision)."""
+    left unchanged) rotated by `rotations` (R1, R2, R4 with its online twin) with RTN
+    `weight_bits` weights (None: full precision) and per-token `act_bits` activations (16: full
+    precision)."""
     device = torch.device(device)
-    config = model.config
-    r1 = r1.to(device, torch.float64)
+    arch = arch_of(model)
+    rot = rotations.to(device)
     inputs = calibrate.capture_first_layer_inputs(model, windows, device, batch_size)
-    hidden = inputs.hidden
-    inputs.hidden = (hidden.to(device).double() @ r1).float().to(hidden.device)  # embeddings E R1
-    for i, layer in enumerate(rotate.layers_of(model)):
-        q = _quantized_layer(layer, r1, r2[i], r4_block, config, device, w_bits, group_size, a_bits, clip,
-                             act_symmetric)
+    if rot.r1 is not None:
+        hidden = inputs.hidden
+        inputs.hidden = (hidden.to(device).double() @ rot.r1).float().to(hidden.device)  # embeddings E R1
+    for i, layer in enumerate(arch.decoder_layers(model)):
+        q = _quantized_layer(layer, i, rot, arch, device, weight_bits, group_size, act_bits, clip, act_symmetric)
         inputs.hidden = calibrate.run_layer(q, inputs)
         del q
-    norm = copy.deepcopy(model.model.norm).to(device)
-    head = (model.lm_head.weight.detach().to(device).double() @ r1).float()
+    norm = copy.deepcopy(arch.get(model, arch.final_norm)).to(device)
+    head = arch.get(model, arch.lm_head).weight.detach().to(device)
+    head = (head.double() @ rot.r1).float() if rot.r1 is not None else head.float()
     total, count = 0.0, 0
     for i in range(windows.shape[0]):
         h = norm(inputs.hidden[i: i + 1].to(device))

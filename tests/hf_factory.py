@@ -1,5 +1,5 @@
-"""Tiny random Hugging Face source models (Llama, Qwen2 with biases, Mistral) for calibrator
-tests: written as ordinary HF folders with a small tokenizer, seeded."""
+"""Tiny random Hugging Face source models (Llama, Qwen2 with biases, Mistral, Qwen3 with per-head
+q/k norms) for calibrator tests: written as ordinary HF folders with a small tokenizer, seeded."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,15 +15,25 @@ TINY_SRC = dict(hidden_size=64, intermediate_size=192, num_attention_heads=4, nu
                 head_dim=16, num_hidden_layers=2, max_position_embeddings=512, rms_norm_eps=1e-5)
 
 
+ARCHS = ("llama", "qwen2", "mistral", "qwen3")
+
+
 def build_hf_model(out: str | Path, arch: str = "llama", tie: bool = True, seed: int = 0, **kw) -> Path:
     """Write a random `arch` model (norm gains and biases randomised so folding matters)."""
-    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     vocab = write_tokenizer(out)
-    cls_cfg, cls_model = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-                          "mistral": (MistralConfig, MistralForCausalLM)}[arch]
+    model = build_hf_module(arch, vocab, tie, seed, **kw)
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def build_hf_module(arch: str = "llama", vocab: int = 384, tie: bool = True, seed: int = 0, **kw):
+    """The in-memory random `arch` model of `build_hf_model` (float32, eval mode)."""
+    import transformers
+
+    family = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral", "qwen3": "Qwen3"}[arch]
+    cls_cfg, cls_model = getattr(transformers, f"{family}Config"), getattr(transformers, f"{family}ForCausalLM")
     cfg = cls_cfg(vocab_size=vocab, tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2, **{**TINY_SRC, **kw})
     torch.manual_seed(seed)
     model = cls_model(cfg)
@@ -35,5 +45,4 @@ def build_hf_model(out: str | Path, arch: str = "llama", tie: bool = True, seed:
                 p.copy_(0.1 * torch.randn_like(p))
             else:
                 p.copy_(torch.randn_like(p) * (0.5 if "embed" in name else 1 / p.shape[-1] ** 0.5))
-    model.save_pretrained(out, safe_serialization=True)
-    return out
+    return model.eval()

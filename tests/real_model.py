@@ -9,7 +9,7 @@ from pathlib import Path
 CACHE = Path(os.environ.get("ROTQUANT_TEST_CACHE", Path.home() / ".cache" / "vllm-rotquant" / "tests"))
 # A small calibration (8 x 512 tokens) keeps CI fast; the README table uses more.
 CKPT_OPTIONS = dict(rotation="hadamard", weights="gptq", calib="brown", calib_tokens=4096, calib_seq_len=512,
-                    batch_size=4, seed=0)
+                    batch_size=4, seed=0, device="cpu")
 
 
 def smollm2_dir() -> Path:
@@ -20,9 +20,10 @@ def smollm2_dir() -> Path:
 
 def smollm2_rotquant_dir() -> Path:
     """hadamard + GPTQ W4A4 checkpoint of SmolLM2 (built on first use, then reused)."""
-    from vllm_rotquant.offline.pipeline import QuantizeOptions, quantize_checkpoint
+    from vllm_rotquant.offline.options import QuantizeOptions
+    from vllm_rotquant.offline.pipeline import quantize_checkpoint
 
     out = CACHE / "smollm2-w4a4-hadamard-gptq"
     if not (out / "config.json").is_file():
-        quantize_checkpoint(smollm2_dir(), out, QuantizeOptions(**CKPT_OPTIONS, overwrite=True))
+        quantize_checkpoint(smollm2_dir(), out, QuantizeOptions(**CKPT_OPTIONS), overwrite=True)
     return out

@@ -9,6 +9,7 @@ from vllm_rotquant.offline import act_clip, cli, data, pipeline
 from vllm_rotquant.offline.evaluate import perplexity
 from vllm_rotquant.offline.model_io import load_tokenizer
 from vllm_rotquant.format import CheckpointError
+from vllm_rotquant.offline.options import QuantizeOptions
 from vllm_rotquant.offline.simulate import load_simulated
 
 
@@ -57,21 +58,21 @@ def src(tmp_path_factory):
     return build_hf_model(tmp_path_factory.mktemp("llama"), "llama")
 
 
-def _quantize(src, out, **kw):
-    opts = pipeline.QuantizeOptions(**{"calib_tokens": 256, "calib_seq_len": 64, "batch_size": 2, **kw})
-    return pipeline.quantize_checkpoint(src, out, opts)
+def _quantize(src, out, overwrite=False, **kw):
+    opts = QuantizeOptions(**{"calib_tokens": 256, "calib_seq_len": 64, "batch_size": 2, "device": "cpu", **kw})
+    return pipeline.quantize_checkpoint(src, out, opts, overwrite=overwrite)
 
 
 def test_auto_clip_is_searched_written_and_served(src, tmp_path, calib_file):
     """The default searches the clip: the written ratio is the lowest-loss one of those scored, the
     record says so, and the served arithmetic at that ratio reproduces the recorded loss."""
     out = tmp_path / "auto"
-    summary = _quantize(src, out, weights="gptq", calib=calib_file)
+    report = _quantize(src, out, weights="gptq", calib=calib_file)
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     rec = qc["calibration"]["act_clip"]
     nll = {float(k): v for k, v in rec["nll"].items()}
     assert 0.9 in nll and len(nll) >= 2
-    assert qc["act_clip_ratio"] == rec["chosen"] == summary["act_clip_ratio"] == min(nll, key=nll.get)
+    assert qc["act_clip_ratio"] == rec["chosen"] == report.act_clip_ratio == min(nll, key=nll.get)
     sim = load_simulated(out, torch.bfloat16)
     assert all(m.clip == rec["chosen"] for m in sim.modules() if hasattr(m, "clip"))
     ids = data.tokenize(load_tokenizer(src), data.load_text(calib_file))
@@ -82,7 +83,7 @@ def test_auto_clip_is_searched_written_and_served(src, tmp_path, calib_file):
 
 def test_fixed_clip_and_a16_are_not_searched(src, tmp_path, calib_file, monkeypatch):
     monkeypatch.setattr(act_clip, "search", lambda *a, **k: pytest.fail("searched a fixed clip"))
-    for kw in ({"act_clip_ratio": 0.8}, {"a_bits": 16}):
+    for kw in ({"act_clip_ratio": 0.8}, {"act_bits": 16}):
         out = tmp_path / "fixed"
         _quantize(src, out, weights="rtn", calib=calib_file, overwrite=True, **kw)
         qc = json.loads((out / "config.json").read_text())["quantization_config"]
@@ -90,6 +91,7 @@ def test_fixed_clip_and_a16_are_not_searched(src, tmp_path, calib_file, monkeypa
         assert "act_clip" not in qc["calibration"] and qc["calibration"]["data"] is None  # no text was read
     with pytest.raises(ValueError, match="act_clip_ratio"):
         _quantize(src, tmp_path / "bad", act_clip_ratio=1.5)
+    assert not (tmp_path / "bad").exists()
 
 
 def test_failed_search_leaves_no_checkpoint(src, tmp_path, calib_file, monkeypatch):

@@ -10,6 +10,8 @@ import torch
 from vllm_rotquant.kernels.hadamard import random_hadamard
 from vllm_rotquant.kernels.reference import quant_act_ref
 from vllm_rotquant.offline import dartquant, rotate
+from vllm_rotquant.offline.options import DartQuantOptions
+from vllm_rotquant.offline.rotate import Rotations, apply_rotations
 
 
 def _kurtosis(x: torch.Tensor) -> float:
@@ -163,6 +165,13 @@ def _inits(model, seed=0):
     return r1, r2
 
 
+def _absorbed(model, r1, r2):
+    """A copy of `model` with R1 and R2 absorbed."""
+    rotated = copy.deepcopy(model)
+    apply_rotations(rotated, Rotations(r1=r1, r2=r2))
+    return rotated
+
+
 def test_learn_rotations_shapes_orthogonality_determinism_and_exact_absorption():
     model = _tiny_llama()
     rotate.fold_norms(model)
@@ -170,8 +179,11 @@ def test_learn_rotations_shapes_orthogonality_determinism_and_exact_absorption()
     windows = torch.randint(0, 97, (4, 32), generator=g)
     r1_init, r2_init = _inits(model)
     state = copy.deepcopy(model.state_dict())
-    opts = dict(epochs=3, lr=0.05, samples=64, batch=32, r2_epochs=3, r2_lr=0.05, r2_batch=16, capture_batch=2)
-    r1, r2 = dartquant.learn_rotations(model, windows, r1_init, r2_init, device="cpu", seed=0, **opts)
+    opts = DartQuantOptions(epochs=3, lr=0.05, samples=64, batch=32, r2_epochs=3, r2_lr=0.05, r2_batch=16,
+                            capture_batch=2)
+    init = Rotations(r1=r1_init, r2=r2_init)
+    learned, run = dartquant.learn_rotations(model, windows, init, opts, device="cpu", seed=0)
+    r1, r2 = learned.r1, learned.r2
     # the model is left as it was
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k]), k
@@ -181,23 +193,20 @@ def test_learn_rotations_shapes_orthogonality_determinism_and_exact_absorption()
     for r in r2:
         assert (r @ r.transpose(-1, -2) - torch.eye(16, dtype=torch.float64)).abs().max() < 1e-12
     assert not torch.allclose(r1, r1_init)  # it learned something
-    run = dict(dartquant.LAST_RUN)
-    assert len(run["r1_loss"]) == 3 and len(run["r2_loss"]) == 3
+    assert len(run.r1_loss) == 3 and len(run.r2_loss) == 3
+    assert run.options == opts and run.layers == 2 and len(run.starts) == 1 and run.start_scores is None
 
     # seeded and deterministic (bitwise on the CPU)
-    r1b, r2b = dartquant.learn_rotations(model, windows, r1_init, r2_init, device="cpu", seed=0, **opts)
+    again, _ = dartquant.learn_rotations(model, windows, init, opts, device="cpu", seed=0)
+    r1b, r2b = again.r1, again.r2
     assert torch.equal(r1, r1b) and all(torch.equal(a, b) for a, b in zip(r2, r2b))
-    r1c, _ = dartquant.learn_rotations(model, windows, r1_init, r2_init, device="cpu", seed=1, **opts)
-    assert not torch.equal(r1, r1c)
+    other, _ = dartquant.learn_rotations(model, windows, init, opts, device="cpu", seed=1)
+    assert not torch.equal(r1, other.r1)
 
     # absorbing the learned rotations leaves the fp model's logits unchanged
     with torch.no_grad():
         ref = model(input_ids=windows).logits
-        rotated = copy.deepcopy(model)
-        rotate.rotate_residual(rotated, r1)
-        for layer, r in zip(rotate.layers_of(rotated), r2):
-            rotate.rotate_values(layer, r, rotated.config)
-        out = rotated(input_ids=windows).logits
+        out = _absorbed(model, r1, r2)(input_ids=windows).logits
     assert (out - ref).abs().max() < 1e-4 * ref.abs().max()
 
 
@@ -210,10 +219,7 @@ def test_capture_matches_what_the_rotated_model_sees():
     r1, r2 = _inits(model, 5)
     cap = dartquant.capture(model, windows, "cpu", samples=10**6, seed=0, batch_size=2)
     assert cap.r1.shape == (2, 2, 32, 64) and cap.r2.shape == (2, 32, 4, 16)
-    rotated = copy.deepcopy(model)
-    rotate.rotate_residual(rotated, r1)
-    for layer, r in zip(rotate.layers_of(rotated), r2):
-        rotate.rotate_values(layer, r, rotated.config)
+    rotated = _absorbed(model, r1, r2)
     cap_rot = dartquant.capture(rotated, windows, "cpu", samples=10**6, seed=0, batch_size=2)
     assert torch.allclose(cap_rot.r1, cap.r1 @ r1.float(), atol=1e-4)
     for i in range(2):
@@ -292,7 +298,7 @@ def test_reader_weight_rows_are_unit_rms_rows_of_every_reader(tmp_path):
 
 def test_unknown_option_is_rejected():
     with pytest.raises(ValueError, match="unknown DartQuant option"):
-        dartquant.resolve_options(epoch=3)
+        DartQuantOptions.from_dict({"epoch": 3})
 
 
 # ----------------------------------------------------------------------------- rotquant inspect
@@ -346,6 +352,7 @@ def test_inspect_quantization_errors_against_float64():
 def test_inspect_model_plot_and_checkpoint_recovery(tmp_path):
     pytest.importorskip("matplotlib")
     from vllm_rotquant.offline import inspect_acts, pipeline
+    from vllm_rotquant.offline.options import QuantizeOptions
 
     folder, text = _tiny_model_folder(tmp_path)
     dq = dict(epochs=2, samples=64, batch=64, r2_epochs=2, r2_batch=32, capture_batch=2)
@@ -364,8 +371,8 @@ def test_inspect_model_plot_and_checkpoint_recovery(tmp_path):
 
     # a dartquant checkpoint: its R1 is recovered from the embeddings
     ckpt = tmp_path / "ckpt"
-    opts = pipeline.QuantizeOptions(rotation="dartquant", weights="rtn", calib=str(text), calib_tokens=128,
-                                    calib_seq_len=32, dartquant=dq, tp_sizes=(1,))
+    opts = QuantizeOptions(rotation="dartquant", weights="rtn", calib=str(text), calib_tokens=128,
+                           calib_seq_len=32, dartquant=DartQuantOptions(**dq), tp_sizes=(1,), device="cpu")
     pipeline.quantize_checkpoint(folder, ckpt, opts)
     with pytest.raises(ValueError, match="--source"):
         inspect_acts.inspect(str(ckpt))

@@ -9,7 +9,10 @@ from safetensors.torch import load_file
 from hf_factory import build_hf_model
 from vllm_rotquant.format import CheckpointError, RotQuantSpec, unpack_int4
 from vllm_rotquant.offline import cli, pipeline, rotate
+from vllm_rotquant.offline.arch import arch_of
 from vllm_rotquant.offline.model_io import load_hf_model
+from vllm_rotquant.offline.options import DartQuantOptions, QuantizeOptions
+from vllm_rotquant.offline.rotate import Rotations, apply_rotations
 from vllm_rotquant.kernels.reference import dequant_weight_ref as dequantize
 from vllm_rotquant.offline.simulate import load_simulated
 
@@ -31,21 +34,16 @@ def test_rotation_invariance(src):
     ref = _logits(model, ids)
     rotate.fold_norms(model)
     assert torch.allclose(_logits(model, ids), ref, atol=1e-4, rtol=1e-4)
-    r1, r2 = pipeline.hadamard_rotations(model.config, seed=1)
-    rotate.rotate_residual(model, r1)
     block = pipeline.plan_r4_block(model.config, (1, 2), None)
-    for layer, r in zip(rotate.layers_of(model), r2):
-        rotate.rotate_values(layer, r, model.config)
-        rotate.absorb_down_hadamard(layer, block)
-    rotate.install_online_hadamard(model, block)
+    apply_rotations(model, Rotations.hadamard(model.config, seed=1, r4_block=block), online=True)
     out = _logits(model, ids)
     assert (out - ref).abs().max() < 1e-3 * ref.abs().max()
     assert not torch.allclose(model.model.embed_tokens.weight, load_hf_model(src).model.embed_tokens.weight)
 
 
-def _quantize(src, out, **kw):
-    opts = pipeline.QuantizeOptions(**{"calib_tokens": 256, "calib_seq_len": 64, "batch_size": 2, **kw})
-    return pipeline.quantize_checkpoint(src, out, opts)
+def _quantize(src, out, overwrite=False, **kw):
+    opts = QuantizeOptions(**{"calib_tokens": 256, "calib_seq_len": 64, "batch_size": 2, "device": "cpu", **kw})
+    return pipeline.quantize_checkpoint(src, out, opts, overwrite=overwrite)
 
 
 @pytest.mark.parametrize("weights,group_size", [("rtn", None), ("gptq", None), ("rtn", 16), ("gptq", 16)])
@@ -53,7 +51,7 @@ def test_simulation_reproduces_dequantized_model(src, tmp_path, calib_file, weig
     """W4A16 simulation of the written checkpoint == the fp rotated model with the stored
     INT4 weights dequantized: writing, loading and simulating lose nothing (also group-wise)."""
     out = tmp_path / "ckpt"
-    _quantize(src, out, weights=weights, a_bits=16, calib=calib_file, group_size=group_size)
+    _quantize(src, out, weights=weights, act_bits=16, calib=calib_file, group_size=group_size)
     sim = load_simulated(out, torch.float32)
     spec = sim.rotquant_spec
     assert spec.act_bits == 16 and spec.rotation == "hadamard" and spec.calibration["method"] == weights
@@ -63,16 +61,13 @@ def test_simulation_reproduces_dequantized_model(src, tmp_path, calib_file, weig
     assert tensors["model.layers.0.mlp.down_proj.weight_scale"].shape[1] == (in_f // group_size if group_size else 1)
     model = load_hf_model(src)
     rotate.fold_norms(model)
-    r1, r2 = pipeline.hadamard_rotations(model.config, seed=0)
-    rotate.rotate_residual(model, r1)
-    for i, (layer, r) in enumerate(zip(rotate.layers_of(model), r2)):
-        rotate.rotate_values(layer, r, model.config)
-        rotate.absorb_down_hadamard(layer, spec.down_proj_block)
-        for name, lin in rotate.quantized_linears(layer):
+    apply_rotations(model, Rotations.hadamard(model.config, seed=0, r4_block=spec.down_proj_block), online=True)
+    arch = arch_of(model)
+    for i, layer in enumerate(arch.decoder_layers(model)):
+        for name, lin in arch.quantized_linears(layer):
             stem = f"model.layers.{i}.{name}"
             lin.weight.data = dequantize(unpack_int4(tensors[f"{stem}.weight_packed"]),
                                          tensors[f"{stem}.weight_scale"]).float()
-    rotate.install_online_hadamard(model, spec.down_proj_block)
     model.model.embed_tokens.weight.data = tensors["model.embed_tokens.weight"].float()
     model.lm_head.weight.data = tensors["lm_head.weight"].float()
     for n, p in model.named_parameters():
@@ -88,18 +83,18 @@ def test_w4a4_is_worse_than_w4a8_and_deterministic(src, tmp_path, calib_file):
     errs = {}
     for bits in (4, 8):
         out = tmp_path / f"a{bits}"
-        _quantize(src, out, weights="gptq", a_bits=bits, calib=calib_file)
+        _quantize(src, out, weights="gptq", act_bits=bits, calib=calib_file)
         errs[bits] = (_logits(load_simulated(out, torch.float32), ids) - ref).pow(2).mean().item()
     assert errs[8] < errs[4]
     again = tmp_path / "again"
-    _quantize(src, again, weights="gptq", a_bits=8, calib=calib_file)
+    _quantize(src, again, weights="gptq", act_bits=8, calib=calib_file)
     digest = lambda p: hashlib.sha256((p / "model.safetensors").read_bytes()).hexdigest()  # noqa: E731
     assert digest(again) == digest(tmp_path / "a8")
 
 
 def test_written_checkpoint_format(src, tmp_path):
     out = tmp_path / "ckpt"
-    summary = _quantize(src, out, weights="rtn")
+    report = _quantize(src, out, weights="rtn")
     cfg = json.loads((out / "config.json").read_text())
     spec = RotQuantSpec.from_dict(cfg["quantization_config"])
     assert cfg["tie_word_embeddings"] is False and cfg["quantization_config"]["quant_method"] == "rotquant"
@@ -109,7 +104,7 @@ def test_written_checkpoint_format(src, tmp_path):
     assert t["model.layers.0.mlp.down_proj.weight_scale"].dtype == torch.float16
     assert "model.layers.0.mlp.down_proj.weight" not in t
     assert torch.equal(t["model.norm.weight"], torch.ones_like(t["model.norm.weight"]))
-    assert (out / "tokenizer.json").is_file() and summary["output_mb"] > 0
+    assert (out / "tokenizer.json").is_file() and report.output_mb > 0
     if "qwen2" in str(src):
         assert "model.layers.0.self_attn.v_proj.bias" in t
 
@@ -169,7 +164,8 @@ def test_asymmetric_activations_end_to_end(src, tmp_path, calib_file, capsys):
     input with a zero point: a layer's output is the asymmetric reference composition, and the
     logits differ from the symmetric checkpoint made from the same weights."""
     out = tmp_path / "asym"
-    assert cli.main(["quantize", str(src), str(out), "--weights", "rtn", "--act-asymmetric", "--json"]) == 0
+    assert cli.main(["quantize", str(src), str(out), "--weights", "rtn", "--act-asymmetric", "--calib-seq-len", "64",
+                     "--calib-tokens", "256", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["act_symmetric"] is False
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["quantization_config"]["act_symmetric"] is False
@@ -200,7 +196,7 @@ def test_layer_runner_store_choice_and_outputs(src):
     model = load_hf_model(src)
     ids = torch.randint(0, 300, (5, 24), generator=torch.Generator().manual_seed(1))
     inputs = calibrate.capture_first_layer_inputs(model, ids, "cpu", batch_size=2)
-    layer = rotate.layers_of(model)[0]
+    layer = arch_of(model).decoder_layers(model)[0]
     out = calibrate.run_layer(layer, inputs)
     with torch.no_grad():
         ref = model.model.layers[0](inputs.hidden, **inputs.kwargs)
@@ -227,7 +223,7 @@ def test_group_size_checked_before_calibration(caplog):
     CUDA GEMM cannot serve warns; SmolLM2's shapes: hidden 576, 9 heads of 64, intermediate 1536."""
     from types import SimpleNamespace
 
-    from vllm_rotquant.offline.pipeline import check_group_size
+    from vllm_rotquant.offline.options import check_group_size
 
     cfg = SimpleNamespace(hidden_size=576, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
                           intermediate_size=1536)
@@ -237,7 +233,7 @@ def test_group_size_checked_before_calibration(caplog):
         check_group_size(cfg.__class__(**{**vars(cfg), "hidden_size": 1024, "num_attention_heads": 16}), 128, (1, 8))
     with pytest.raises(ValueError, match="even"):
         check_group_size(cfg, 3, (1,))
-    with caplog.at_level("WARNING", logger="vllm_rotquant.offline.pipeline"):
+    with caplog.at_level("WARNING", logger="vllm_rotquant.offline.options"):
         check_group_size(cfg, 32, (1, 3))  # 288 = 9 x 32: the GPU can serve it
         assert not caplog.records
         check_group_size(cfg, 64, (1,))  # divides 576, but not 576 / 2
@@ -246,25 +242,31 @@ def test_group_size_checked_before_calibration(caplog):
 
 
 def test_quantize_rejects_group_size_before_calibrating(tmp_path):
-    from vllm_rotquant.offline.pipeline import QuantizeOptions, quantize_checkpoint
+    from vllm_rotquant.offline.pipeline import quantize_checkpoint
 
     folder = build_hf_model(tmp_path / "m")
     with pytest.raises(ValueError, match="--group-size 48 does not divide"):
-        quantize_checkpoint(folder, tmp_path / "out", QuantizeOptions(weights="gptq", group_size=48, calib="/nonexistent"))
+        quantize_checkpoint(folder, tmp_path / "out", QuantizeOptions(weights="gptq", group_size=48,
+                                                                    calib="/nonexistent", calib_seq_len=64))
     assert not (tmp_path / "out").exists()
 
 
 def test_cli_passes_the_dartquant_options(monkeypatch, tmp_path):
     seen = {}
 
-    def fake_quantize(model, out, opts):
+    class FakeReport:
+        def summary(self):
+            return {"out": "o"}
+
+    def fake_quantize(model, out, opts, overwrite=False):
         seen["opts"] = opts
-        return {"out": out}
+        return FakeReport()
 
     monkeypatch.setattr(pipeline, "quantize_checkpoint", fake_quantize)
     args = cli.build_parser().parse_args(
-        ["quantize", "m", str(tmp_path / "o"), "--rotation", "dartquant", "--dq-epochs", "3", "--dq-r2-epochs", "0",
-         "--dq-lr", "0.002", "--dq-samples", "512", "--dq-outliers", "0", "--dq-starts", "2", "--dq-weight-rows", "0.1"])
+        ["quantize", "m", str(tmp_path / "o"), "--rotation", "dartquant", "--weights", "rtn", "--dq-epochs", "3",
+         "--dq-r2-epochs", "0", "--dq-lr", "0.002", "--dq-samples", "512", "--dq-outliers", "0", "--dq-starts", "2",
+         "--dq-weight-rows", "0.1"])
     args.func(args)
-    assert seen["opts"].dartquant == {"epochs": 3, "r2_epochs": 0, "lr": 0.002, "samples": 512, "outliers": 0,
-                                      "starts": 2, "weight_rows": 0.1}
+    assert seen["opts"].dartquant == DartQuantOptions(epochs=3, r2_epochs=0, lr=0.002, samples=512, outliers=0,
+                                                      starts=2, weight_rows=0.1)

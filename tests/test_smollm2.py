@@ -6,6 +6,8 @@ from real_model import smollm2_dir, smollm2_rotquant_dir
 from vllm_rotquant.offline import calibrate, data, evaluate, pipeline, quantize, rotate
 from vllm_rotquant.kernels.reference import dequant_weight_ref
 from vllm_rotquant.offline.model_io import load_hf_model, load_tokenizer
+from vllm_rotquant.offline.options import default_tp_sizes
+from vllm_rotquant.offline.rotate import Rotations, apply_rotations
 
 pytestmark = pytest.mark.slow
 
@@ -27,13 +29,8 @@ def test_rotated_unquantized_smollm2_gives_same_logits(src, windows):
     with torch.no_grad():
         ref = model(input_ids=ids).logits.double()
         rotate.fold_norms(model)
-        r1, r2 = pipeline.hadamard_rotations(model.config, 0)
-        rotate.rotate_residual(model, r1)
-        block = pipeline.plan_r4_block(model.config, pipeline.default_tp_sizes(model.config), None)
-        for layer, r in zip(rotate.layers_of(model), r2):
-            rotate.rotate_values(layer, r, model.config)
-            rotate.absorb_down_hadamard(layer, block)
-        rotate.install_online_hadamard(model, block)
+        block = pipeline.plan_r4_block(model.config, default_tp_sizes(model.config), None)
+        apply_rotations(model, Rotations.hadamard(model.config, 0, r4_block=block), online=True)
         out = model(input_ids=ids).logits.double()
     assert (out - ref).abs().max().item() < 2e-3 * ref.abs().max().item()
     assert (out.argmax(-1) == ref.argmax(-1)).float().mean() > 0.99
@@ -43,12 +40,11 @@ def test_gptq_beats_rtn_on_real_activations(src):
     """Layer-output error ||X W^T - X Q^T|| on held-out real activations of a rotated layer."""
     model = load_hf_model(src)
     rotate.fold_norms(model)
-    r1, _ = pipeline.hadamard_rotations(model.config, 0)
-    rotate.rotate_residual(model, r1)
+    apply_rotations(model, Rotations(r1=Rotations.hadamard(model.config, 0).r1))  # R1 only
     ids = data.tokenize(load_tokenizer(src), data.load_text("brown"))
     wins = data.calibration_windows(ids, 256, 256 * 12, seed=0)
     inputs = calibrate.capture_first_layer_inputs(model, wins, "cpu", batch_size=4)
-    layer = rotate.layers_of(model)[0]
+    layer = model.model.layers[0]
     seen = []
     hook = layer.mlp.up_proj.register_forward_hook(lambda m, a, o: seen.append(a[0].reshape(-1, a[0].shape[-1])))
     calibrate.run_layer(layer, inputs, keep_outputs=False)

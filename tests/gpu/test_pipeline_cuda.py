@@ -13,6 +13,8 @@ from hf_factory import CALIB_TEXT, build_hf_model
 from vllm_rotquant.format import unpack_int4
 from vllm_rotquant.offline import dartquant, pipeline, rotate
 from vllm_rotquant.offline.model_io import load_hf_model
+from vllm_rotquant.offline.options import DartQuantOptions, QuantizeOptions
+from vllm_rotquant.offline.rotate import Rotations, apply_rotations
 
 pytestmark = pytest.mark.gpu
 DEVICE = "cuda"
@@ -24,8 +26,8 @@ def src(tmp_path_factory):
 
 
 def _quantize(src, out, device, calib, weights="gptq", **kw):
-    opts = pipeline.QuantizeOptions(weights=weights, calib=calib, calib_tokens=2048, calib_seq_len=128,
-                                    device=device, batch_size=4, seed=0, **kw)
+    opts = QuantizeOptions(weights=weights, calib=calib, calib_tokens=2048, calib_seq_len=128,
+                           device=device, batch_size=4, seed=0, **kw)
     pipeline.quantize_checkpoint(src, out, opts)
     return load_file(str(Path(out) / "model.safetensors"))
 
@@ -41,13 +43,10 @@ def test_online_hadamard_twin_on_device():
 def test_absorption_on_device_equals_cpu(src):
     """R1/R2/R4 products in float64 on the device: the weights stay on the CPU and match."""
     cpu, dev = load_hf_model(src), load_hf_model(src)
-    r1, r2 = pipeline.hadamard_rotations(cpu.config, 3)
+    rot = Rotations.hadamard(cpu.config, 3, r4_block=64)
     for model, device in ((cpu, "cpu"), (dev, DEVICE)):
         rotate.fold_norms(model)
-        rotate.rotate_residual(model, r1, device)
-        for layer, r in zip(rotate.layers_of(model), r2):
-            rotate.rotate_values(layer, r, model.config, device)
-            rotate.absorb_down_hadamard(layer, 64, device)
+        apply_rotations(model, rot, device)
     for (name, a), (_, b) in zip(cpu.state_dict().items(), dev.state_dict().items()):
         assert b.device.type == "cpu", name
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7, msg=name)
@@ -73,7 +72,7 @@ def test_gptq_on_device_matches_cpu(src, calib_file, tmp_path, rotation):
     """Same checkpoint up to float32 rounding: GPTQ's error feedback on another device flips a few
     roundings, never more than one step, and the unquantized tensors agree to bf16 rounding."""
     dq = {"epochs": 2, "samples": 512, "batch": 256, "r2_batch": 64}
-    kw = {"rotation": rotation, "dartquant": dq if rotation == "dartquant" else {}}
+    kw = {"rotation": rotation, "dartquant": DartQuantOptions(**dq) if rotation == "dartquant" else DartQuantOptions()}
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()
     a = _quantize(src, tmp_path / "cpu", "cpu", calib_file, **kw)
@@ -102,10 +101,12 @@ def test_dartquant_rotations_on_device_match_cpu(src, calib_file):
     rotate.fold_norms(model)
     ids = data.tokenize(load_tokenizer(src), CALIB_TEXT)
     windows = data.calibration_windows(ids, 128, 2048, 0)
-    r1, r2 = pipeline.hadamard_rotations(model.config, 0)
-    opts = {"epochs": 3, "samples": 512, "batch": 256, "r2_batch": 64}
-    r1_cpu, r2_cpu = dartquant.learn_rotations(model, windows, r1, r2, device="cpu", **opts)
-    r1_dev, r2_dev = dartquant.learn_rotations(model, windows, r1, r2, device=DEVICE, **opts)
+    init = Rotations.hadamard(model.config, 0)
+    r1 = init.r1
+    opts = DartQuantOptions(epochs=3, samples=512, batch=256, r2_batch=64)
+    cpu, _ = dartquant.learn_rotations(model, windows, init, opts, device="cpu")
+    dev, _ = dartquant.learn_rotations(model, windows, init, opts, device=DEVICE)
+    r1_cpu, r2_cpu, r1_dev, r2_dev = cpu.r1, cpu.r2, dev.r1, dev.r2
     eye = torch.eye(r1.shape[0], dtype=torch.float64)
     torch.testing.assert_close(r1_dev.T @ r1_dev, eye, rtol=0, atol=1e-12)
     assert (r1_dev - r1).abs().max() > 1e-4  # it learned something
