@@ -122,7 +122,7 @@ def cmd_tune_clip(args) -> int:
     if not is_rotquant_checkpoint(args.checkpoint):
         raise ValueError(f"{args.checkpoint}: not a rotquant checkpoint (config.json has no quantization_config "
                          f"with quant_method 'rotquant')")
-    ids = data.tokenize(load_tokenizer(args.checkpoint), data.load_text(args.calib))
+    ids = data.tokenize(load_tokenizer(args.checkpoint), data.load_text(args.calib, option="--calib"))
     windows = data.calibration_windows(ids, args.calib_seq_len, act_clip.SCORE_TOKENS, args.seed)
     record = act_clip.tune(args.checkpoint, windows, args.device)
     if args.json:
@@ -240,12 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="perplexity of a HF model or (simulated) rotquant checkpoint")
     e.add_argument("model")
     e.add_argument("--data", default="austen", help="text file or corpus name (austen, brown) (default: %(default)s)")
-    e.add_argument("--seq-len", type=_int_at_least(2), default=512, help="tokens per window (default: %(default)s)")
-    e.add_argument("--windows", type=_int_at_least(1), default=16,
+    e.add_argument("--seq-len", type=int, default=512, help="tokens per window (default: %(default)s)")
+    e.add_argument("--windows", type=int, default=16,
                    help="windows from the middle third of the text (default: %(default)s)")
     e.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="(default: %(default)s)")
-    e.add_argument("--batch-size", type=_int_at_least(1), default=4, help="windows per forward (default: %(default)s)")
-    e.add_argument("--device", type=_device_arg, default="cpu", metavar=DEVICE_METAVAR, help="(default: %(default)s)")
+    e.add_argument("--batch-size", type=int, default=4, help="windows per forward (default: %(default)s)")
+    e.add_argument("--device", default="cpu", metavar=DEVICE_METAVAR, help="(default: %(default)s)")
     e.add_argument("--json", action="store_true", help="print the result as JSON")
     e.set_defaults(func=cmd_eval)
 

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from vllm_rotquant.format import QUANTIZED_PROJECTIONS, SCALE_SUFFIX, RotQuantSpec, pack_int4
+from vllm_rotquant.format import QUANTIZED_PROJECTIONS, SCALE_SUFFIX, RotQuantSpec, pack_int4, write_config
 from vllm_rotquant.kernels.hadamard import largest_block
 from vllm_rotquant.kernels.reference import dequant_weight_ref
 from vllm_rotquant.offline import act_clip, calibrate, data, quantize
@@ -92,7 +92,7 @@ def plan_r4_block(config, tp_sizes: tuple[int, ...], requested: int | None) -> i
 
 def calibration_windows(tokenizer, options: QuantizeOptions) -> torch.Tensor:
     """The seeded calibration windows [n, calib_seq_len] from the text `options.calib`."""
-    ids = data.tokenize(tokenizer, data.load_text(options.calib))
+    ids = data.tokenize(tokenizer, data.load_text(options.calib, option="--calib"))
     windows = data.calibration_windows(ids, options.calib_seq_len, options.calib_tokens, options.seed)
     log.info("calibration: %d x %d tokens from %s", *windows.shape, options.calib)
     return windows
@@ -363,7 +363,7 @@ def write_checkpoint(out: str | Path, tensors: dict[str, torch.Tensor], spec: Ro
     config.pop("dtype", None)
     with atomic_folder(out) as tmp:
         _save_shards(tensors, tmp)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        write_config(tmp, config)
         if copy_from is not None:
             for f in Path(copy_from).iterdir():
                 if f.is_file() and f.name != "config.json" and not f.name.endswith(WEIGHT_FILES):

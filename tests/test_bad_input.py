@@ -342,7 +342,8 @@ def test_quantize_refuses_unreadable_source(src, tmp_path, caplog, case):
 
 
 def test_binary_calibration_text_is_named(src, binary_file, tmp_path, caplog):
-    message = refusal(["quantize", str(src), str(tmp_path / "out"), "--weights", "gptq", "--calib", str(binary_file)],
+    message = refusal(["quantize", str(src), str(tmp_path / "out"), "--weights", "gptq", "--calib", str(binary_file),
+                       "--calib-seq-len", "64"],
                       caplog)
     assert message.startswith(f"{binary_file}: not UTF-8 text (byte 0x9e at offset 0)")
     assert "--calib" in message

@@ -12,7 +12,7 @@ import torch
 pytest.importorskip("vllm")
 
 from ckpt_factory import build_tiny_checkpoint, with_config  # noqa: E402
-from vllm_rotquant.format import CheckpointError, RotQuantSpec, pack_int4  # noqa: E402
+from vllm_rotquant.format import CheckpointError, RotQuantSpec  # noqa: E402
 from vllm_rotquant.kernels.hadamard import hadamard_matrix  # noqa: E402
 from vllm_rotquant.kernels.ops import rotquant_linear  # noqa: E402
 

@@ -27,7 +27,9 @@ import torch
 
 QUANT_METHOD = "rotquant"
 FORMAT_VERSION = 1
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+# per-head RMSNorms on query and key before RoPE (kept as they are: no rotation acts on what they normalize)
+QK_NORM_ARCHITECTURES = ("Qwen3ForCausalLM",)
 QUANTIZED_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PACKED_SUFFIX = "weight_packed"
 SCALE_SUFFIX = "weight_scale"
@@ -396,6 +398,9 @@ def expected_tensors(spec: RotQuantSpec, config: dict[str, Any]) -> dict[str, tu
         p = f"model.layers.{i}"
         out[f"{p}.input_layernorm.weight"] = ((hidden,), FLOAT_DTYPES)
         out[f"{p}.post_attention_layernorm.weight"] = ((hidden,), FLOAT_DTYPES)
+        if (config.get("architectures") or [""])[0] in QK_NORM_ARCHITECTURES:
+            for norm in ("q_norm", "k_norm"):
+                out[f"{p}.self_attn.{norm}.weight"] = ((head_dim_of(config),), FLOAT_DTYPES)
         for name, (out_f, in_f) in shapes.items():
             for tensor, shape in expected_tensor_shapes(f"{p}.{name}", out_f, in_f, spec.group_size).items():
                 out[tensor] = (shape, (torch.uint8,) if tensor.endswith(PACKED_SUFFIX) else SCALE_DTYPES)
