@@ -7,24 +7,27 @@ Pieces (chosen by measurement on a 2-core x86 CPU, bench/RESULTS.md):
 - Per-token quantization: the reference's own torch code, traced (not an opaque op), so that
   Inductor fuses it into the op that produces the activations (the RMSNorm, the SiLU-and-mul);
   its C++ is bit-exact with eager torch (tests/test_cpu_kernel.py checks it compiled).
-- Integer GEMM, `torch.ops.rotquant.cpu_int_gemm` -> float32 accumulators:
-  * M <= NATIVE_MAX_M tokens (decode) and every group-wise layer: the native C kernel
-    (kernels/cpu_native.c, AVX512-VNNI / AVX-VNNI / AVX2 `vpmaddubsw` / portable C), reading the
-    INT4 weights themselves (0.5 byte a weight); a library GEMM's fixed cost dominates there;
-  * larger M, per-channel scales: oneDNN's s8 x s8 -> s32 matmul through torch
-    (`torch.ops.onednn.qlinear_pointwise`, AMX or VNNI as the CPU has them) with unit scales and
-    a float32 output, i.e. float(acc), exact while |acc| < 2^24, which `_onednn_exact` checks
-    (else the native kernel runs); its int8 copy of the weights costs 1 byte a weight.
-  Either way the op returns float(sum_k (q - za) * w) per channel (the zero point's correction
-  za * sum_k w is exact in int32), or, with groups, fl32(sum_g sw[n, g] * acc_g) summed in
-  float64 (the reference sums the same exact products in float64 in another order: both are
-  the exact value within ~K * 2^-53 relative, so they round to the same float32 except within
-  that distance of a rounding boundary, where they differ by one float32 ulp).
-- Epilogue: traced, as the reference writes it: (acc * sa) * sw (groups: acc * sa), rounded
-  once to the output dtype; Inductor fuses it into the next op.
-- R4 (down_proj): `torch.ops.rotquant.cpu_hadamard`, the native fast Walsh-Hadamard (Sylvester
-  butterflies and the dense +-1 core), float32 out; it differs from the reference's dense float32
-  matmul in summation order only, as the CUDA kernel does.
+- R4 (down_proj): `torch.ops.rotquant.cpu_hadamard_quant[_asym]`, the native fast Walsh-Hadamard
+  (Sylvester butterflies and the dense +-1 core) with the reference's quantization of each row
+  in the same pass. The transform differs from the reference's dense float32 matmul in summation
+  order only, as the CUDA kernel's does; the quantization is bit-exact given its output. At
+  tp > 1 (a gathered range) the transform (`cpu_hadamard`) and the traced quantization run apart.
+- GEMM, `torch.ops.rotquant.cpu_gemm`, with the reference's epilogue inside:
+  * up to NATIVE_MAX_M tokens (decode) and for group-wise scales: the native VNNI kernel
+    (kernels/cpu_native.c: AVX512-VNNI / AVX-VNNI / AVX2 `vpmaddubsw` / portable C), which reads
+    the INT4 weights themselves (0.5 byte a weight);
+  * more tokens, per-channel scales: the native AMX kernel (int8 tiles, `tdpbssd`) where the CPU
+    has AMX, with an int8 copy of the weights (1 byte a weight); without AMX, oneDNN's s8 matmul
+    through torch (`torch.ops.onednn.qlinear_pointwise`) with unit scales and a float32 output,
+    i.e. float(acc), exact while |acc| < 2^24 (`_onednn_exact`, else the VNNI kernel runs), and
+    the epilogue in torch.
+  Per channel the epilogue is fl(fl(float(acc) * sa) * sw) rounded once to the output dtype, the
+  reference's bit for bit (acc already less za * sum_k w for asymmetric activations, exact in
+  int32). With groups it is fl32(sum_g sw[n, g] * acc_g) * sa with the group sum in float64: the
+  reference sums the same exact products in float64 in another order, so both are the exact value
+  within ~K * 2^-53 relative and round to the same float32 except within that distance of a
+  rounding boundary, where they differ by one float32 ulp (tests/test_cpu_kernel.py checks the
+  bound).
 """
 from __future__ import annotations
 
@@ -40,7 +43,7 @@ from vllm_rotquant.kernels import reference as ref
 from vllm_rotquant.kernels.hadamard import hadamard_factors, hadamard_matrix
 from vllm_rotquant.kernels.linear_kernel import LinearSpec, RotQuantKernel
 
-NATIVE_MAX_M = 6  # tokens up to which the native GEMM beats oneDNN's fixed cost (bench/RESULTS.md)
+NATIVE_MAX_M = 8  # tokens up to which the INT4 VNNI GEMM beats the int8 AMX one (weight bytes win; bench/RESULTS.md)
 _FP32_EXACT = 2 ** 24
 
 # ------------------------------------------------------------------------------ oneDNN weights
@@ -89,30 +92,35 @@ def _onednn_exact(k: int, bits: int, asymmetric: bool) -> bool:
 
 # ------------------------------------------------------------------------------ custom ops
 _lib = torch.library.Library("rotquant", "FRAGMENT")
-_lib.define("cpu_int_gemm(Tensor q, Tensor? za, Tensor w_nib, Tensor w_onednn, Tensor w_scale, Tensor? w_sum, "
-            "int n) -> Tensor")
+_lib.define("cpu_gemm(Tensor q, Tensor sa, Tensor? za, Tensor w_nib, Tensor w_amx, Tensor w_onednn, Tensor w_scale, "
+            "Tensor? w_sum, int n, ScalarType out_dtype) -> Tensor")
 _lib.define("cpu_hadamard(Tensor x, int block) -> Tensor")
+_lib.define("cpu_hadamard_quant(Tensor x, int block, float clip, int bits) -> (Tensor, Tensor)")
+_lib.define("cpu_hadamard_quant_asym(Tensor x, int block, float clip, int bits) -> (Tensor, Tensor, Tensor)")
 
 
-def _cpu_int_gemm(q, za, w_nib, w_onednn, w_scale, w_sum, n):
+def _cpu_gemm(q, sa, za, w_nib, w_amx, w_onednn, w_scale, w_sum, n, out_dtype):
     m = q.shape[0]
-    handle = int(w_onednn[0])
-    if handle >= 0 and m > NATIVE_MAX_M:
-        ones, zeros = _onednn_unit[n]
-        acc = torch.ops.onednn.qlinear_pointwise(q.contiguous(), 1.0, 0, _onednn_weights[handle], ones, zeros, None,
-                                                 1.0, 0, torch.float32, "none", [], "")
-        if za is not None:  # exact: every term is an integer below 2^24 (_onednn_exact)
-            acc = acc - (za * w_sum.T).float()
-        return acc
-    return cpu_native.int_gemm(q, za, w_nib, n, w_scale, w_sum)
+    if m > NATIVE_MAX_M and w_scale.shape[1] == 1:
+        if w_amx.numel():
+            return cpu_native.gemm_amx(q, sa, za, w_amx, n, w_scale, w_sum, out_dtype)
+        handle = int(w_onednn[0])
+        if handle >= 0:
+            ones, zeros = _onednn_unit[n]
+            acc = torch.ops.onednn.qlinear_pointwise(q.contiguous(), 1.0, 0, _onednn_weights[handle], ones, zeros,
+                                                     None, 1.0, 0, torch.float32, "none", [], "")
+            if za is not None:  # exact: every term is an integer below 2^24 (_onednn_exact)
+                acc = acc - (za * w_sum.T).float()
+            return (acc * sa * w_scale.T).to(out_dtype)
+    return cpu_native.gemm(q, sa, za, w_nib, n, w_scale, w_sum, out_dtype)
 
 
-_lib.impl("cpu_int_gemm", _cpu_int_gemm, "CPU")
+_lib.impl("cpu_gemm", _cpu_gemm, "CPU")
 
 
-@torch.library.register_fake("rotquant::cpu_int_gemm")
-def _(q, za, w_nib, w_onednn, w_scale, w_sum, n):
-    return q.new_empty((q.shape[0], n), dtype=torch.float32)
+@torch.library.register_fake("rotquant::cpu_gemm")
+def _(q, sa, za, w_nib, w_amx, w_onednn, w_scale, w_sum, n, out_dtype):
+    return q.new_empty((q.shape[0], n), dtype=out_dtype)
 
 
 @functools.lru_cache(maxsize=None)
@@ -127,20 +135,51 @@ def _hadamard_factors(block: int) -> tuple[torch.Tensor, float]:
     return c, float(torch.tensor(1.0 / math.sqrt(block), dtype=torch.float32))
 
 
-def _cpu_hadamard(x, block):
+def _rows(x, block):
     k = x.shape[-1]
     if k % block:
         raise ValueError(f"hadamard: last dimension {k} is not a multiple of block {block}")
-    core, norm = _hadamard_factors(block)
-    return cpu_native.hadamard(x.reshape(-1, k), block, core, norm).reshape(x.shape)
+    return x.reshape(-1, k), _hadamard_factors(block)
+
+
+def _cpu_hadamard(x, block):
+    x2, (core, norm) = _rows(x, block)
+    return cpu_native.hadamard(x2, block, core, norm).reshape(x.shape)
+
+
+def _cpu_hadamard_quant(x, block, clip, bits):
+    x2, (core, norm) = _rows(x, block)
+    q, s, _ = cpu_native.hadamard_quant(x2, block, core, norm, clip, bits, True)
+    return q.reshape(x.shape), s.reshape(*x.shape[:-1], 1)
+
+
+def _cpu_hadamard_quant_asym(x, block, clip, bits):
+    x2, (core, norm) = _rows(x, block)
+    q, s, z = cpu_native.hadamard_quant(x2, block, core, norm, clip, bits, False)
+    lead = (*x.shape[:-1], 1)
+    return q.reshape(x.shape), s.reshape(lead), z.reshape(lead)
 
 
 _lib.impl("cpu_hadamard", _cpu_hadamard, "CPU")
+_lib.impl("cpu_hadamard_quant", _cpu_hadamard_quant, "CPU")
+_lib.impl("cpu_hadamard_quant_asym", _cpu_hadamard_quant_asym, "CPU")
 
 
 @torch.library.register_fake("rotquant::cpu_hadamard")
 def _(x, block):
     return x.new_empty(x.shape, dtype=torch.float32)
+
+
+@torch.library.register_fake("rotquant::cpu_hadamard_quant")
+def _(x, block, clip, bits):
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
+
+
+@torch.library.register_fake("rotquant::cpu_hadamard_quant_asym")
+def _(x, block, clip, bits):
+    lead = (*x.shape[:-1], 1)
+    return (x.new_empty(x.shape, dtype=torch.int8), x.new_empty(lead, dtype=torch.float32),
+            x.new_empty(lead, dtype=torch.int32))
 
 
 def hadamard(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -168,15 +207,22 @@ class CpuInt8Kernel(RotQuantKernel):
             return f"no Hadamard matrix of order {spec.hadamard_block}"
         return cpu_native.unavailable_reason()
 
-    def _uses_onednn(self) -> bool:
+    def _layouts(self) -> tuple[bool, bool]:
+        """(AMX copy, oneDNN copy) of the weights for the many-token per-channel GEMM."""
         s = self.spec
-        return (s.groups == 1 and onednn_unavailable_reason() is None
-                and _onednn_exact(s.in_features, s.act_bits, not s.act_symmetric))
+        if s.groups > 1:
+            return False, False
+        if cpu_native.has_amx():
+            return True, False
+        ok = onednn_unavailable_reason() is None and _onednn_exact(s.in_features, s.act_bits, not s.act_symmetric)
+        return False, ok
 
     def prepare(self, w_packed: torch.Tensor, w_scale: torch.Tensor) -> dict[str, torch.Tensor]:
         w_int = unpack_int4(w_packed)
+        amx, onednn = self._layouts()
         out = {"w_nib": cpu_native.pack_weights(w_int), "w_scale": w_scale.float().contiguous(),
-               "w_onednn": _register_onednn(w_int) if self._uses_onednn() else torch.tensor([-1], dtype=torch.int64)}
+               "w_amx": cpu_native.pack_weights_amx(w_int) if amx else torch.empty(0, dtype=torch.int8),
+               "w_onednn": _register_onednn(w_int) if onednn else torch.tensor([-1], dtype=torch.int64)}
         if not self.spec.act_symmetric:
             out["w_sum"] = ref.weight_sums_ref(w_int, self.spec.groups).contiguous()
         return out
@@ -193,13 +239,18 @@ class CpuInt8Kernel(RotQuantKernel):
             return q, scale, None
         return ref.quant_act_asym_ref(y, s.clip, s.act_bits, vmax, vmin)
 
+    def quantize_input(self, x2, all_gather=None):
+        s = self.spec
+        if s.hadamard_block and all_gather is None:  # one native pass: Hadamard + quantization
+            if s.act_symmetric:
+                q, scale = torch.ops.rotquant.cpu_hadamard_quant(x2, s.hadamard_block, s.clip, s.act_bits)
+                return q, scale, None
+            return torch.ops.rotquant.cpu_hadamard_quant_asym(x2, s.hadamard_block, s.clip, s.act_bits)
+        return super().quantize_input(x2, all_gather)
+
     def gemm(self, q, scale, zero, weights, out_dtype):
-        sw = weights["w_scale"]
-        acc = torch.ops.rotquant.cpu_int_gemm(q, zero, weights["w_nib"], weights["w_onednn"], sw,
-                                              weights.get("w_sum"), self.spec.out_features)
-        if self.spec.groups == 1:
-            return (acc * scale * sw.T).to(out_dtype)
-        return (acc * scale).to(out_dtype)
+        return torch.ops.rotquant.cpu_gemm(q, scale, zero, weights["w_nib"], weights["w_amx"], weights["w_onednn"],
+                                           weights["w_scale"], weights.get("w_sum"), self.spec.out_features, out_dtype)
 
 
 KERNEL = CpuInt8Kernel

@@ -29,9 +29,9 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("cpu_native.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-fast-math", "-std=gnu11",
          "-shared", "-fPIC")
-ABI_VERSION = 2
+ABI_VERSION = 3
 ISA_NAMES = {3: "AVX512-VNNI", 2: "AVX-VNNI", 1: "AVX2", 0: "portable C"}
-DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # rq_hadamard input
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -82,15 +82,18 @@ def _build(cc: str) -> Path:
 
 
 def _declare(lib: ctypes.CDLL) -> None:
-    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.rq_abi_version.restype = i32
-    lib.rq_isa.restype = i32
-    lib.rq_pack_weights.argtypes = [p, i64, i64, p]
-    lib.rq_pack_weights.restype = None
-    lib.rq_gemm.argtypes = [p, i64, i64, i64, p, i64, p, p, i64, p, p, i64, i32]
-    lib.rq_gemm.restype = None
-    lib.rq_hadamard.argtypes = [p, i32, i64, p, i64, i64, i64, i64, p, ctypes.c_float, i32]
-    lib.rq_hadamard.restype = None
+    p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+    for name, args in {
+        "rq_abi_version": [], "rq_isa": [], "rq_has_amx": [],
+        "rq_pack_weights": [p, i64, i64, p], "rq_pack_weights_amx": [p, i64, i64, p],
+        "rq_gemm": [p, i64, i64, i64, p, i64, p, p, p, i64, p, p, i64, i32, i32],
+        "rq_gemm_amx": [p, i64, i64, i64, p, i64, p, p, p, p, p, i64, i32, i32],
+        "rq_hadamard": [p, i32, i64, p, i64, i64, i64, i64, p, f32, i32],
+        "rq_hadamard_quant": [p, i32, i64, p, p, p, i64, i64, i64, i64, p, f32, f32, i32, i32],
+    }.items():
+        fn = getattr(lib, name)
+        fn.argtypes = args
+        fn.restype = i32 if name in ("rq_abi_version", "rq_isa", "rq_has_amx") else None
 
 
 def library() -> ctypes.CDLL:
@@ -123,7 +126,20 @@ def unavailable_reason() -> str | None:
 
 
 def isa() -> str:
-    return ISA_NAMES[library().rq_isa()]
+    """The GEMM instruction set this build uses, e.g. "AVX512-VNNI + AMX"."""
+    lib = library()
+    return ISA_NAMES[lib.rq_isa()] + (" + AMX" if has_amx() else "")
+
+
+_amx: bool | None = None
+
+
+def has_amx() -> bool:
+    """Whether the AMX GEMM was built and the kernel lets this process use the tiles."""
+    global _amx
+    if _amx is None:
+        _amx = bool(library().rq_has_amx())
+    return _amx
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -131,7 +147,7 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 
 def pack_weights(w_int: torch.Tensor) -> torch.Tensor:
-    """int8 [N, K] in [-8, 7] -> the native GEMM's nib64 layout, uint8 [ceil(N/64) * ceil(K/8) * 256]."""
+    """int8 [N, K] in [-8, 7] -> the VNNI GEMM's nib64 layout, uint8 [ceil(N/64) * ceil(K/8) * 256]."""
     w = w_int.contiguous()
     n, k = w.shape
     out = torch.empty(((n + 63) // 64) * ((k + 7) // 8) * 256, dtype=torch.uint8)
@@ -139,23 +155,60 @@ def pack_weights(w_int: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def int_gemm(q: torch.Tensor, za: torch.Tensor | None, w_nib: torch.Tensor, n: int, sw: torch.Tensor,
-             wsum: torch.Tensor | None) -> torch.Tensor:
-    """q int8 [M, K], za int32 [M, 1] or None, w_nib from pack_weights of an [n, K] weight, sw
-    float32 [n, G], wsum int32 [n, G] (with za) -> float32 [M, n]: per channel the exact integer
-    sums sum_k (q - za) w, with groups fl32(sum_g sw[:, g] * (group g's exact sum))."""
+def pack_weights_amx(w_int: torch.Tensor) -> torch.Tensor:
+    """int8 [N, K] -> the AMX GEMM's vnni4 layout, int8 [ceil(N/32) * ceil(K/64) * 2048]."""
+    w = w_int.contiguous()
+    n, k = w.shape
+    out = torch.empty(((n + 31) // 32) * ((k + 63) // 64) * 2048, dtype=torch.int8)
+    library().rq_pack_weights_amx(w.data_ptr(), n, k, out.data_ptr())
+    return out
+
+
+def _padded(q: torch.Tensor, k_mult: int, m_mult: int = 1) -> torch.Tensor:
+    """q with zero columns up to a multiple of k_mult and zero rows up to one of m_mult (the
+    kernels read whole chunks); q itself when nothing is missing."""
     m, k = q.shape
-    kp = -(-k // 8) * 8
-    if kp != k or q.stride(1) != 1:  # the kernel reads whole 8-column chunks
-        qp = q.new_zeros((m, kp))
-        qp[:, :k] = q
-        q = qp
-    out = torch.empty((m, n), dtype=torch.float32)
+    kp, mp = -(-k // k_mult) * k_mult, -(-m // m_mult) * m_mult
+    if kp == k and mp == m and q.stride(1) == 1:
+        return q
+    qp = q.new_zeros((mp, kp))
+    qp[:m, :k] = q
+    return qp
+
+
+def gemm(q: torch.Tensor, sa: torch.Tensor, za: torch.Tensor | None, w_nib: torch.Tensor, n: int,
+         sw: torch.Tensor, wsum: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """The VNNI GEMM: q int8 [M, K], sa float32 [M, 1], za int32 [M, 1] or None, w_nib from
+    pack_weights of an [n, K] weight, sw float32 [n, G], wsum int32 [n, G] (with za) -> [M, n].
+    (Called once per layer and token batch: kept lean, the arguments' types are the caller's.)"""
+    m, k = q.shape
+    out = torch.empty((m, n), dtype=out_dtype)
     if m == 0 or n == 0:
         return out
-    za = None if za is None else za.reshape(m).contiguous()
-    library().rq_gemm(q.data_ptr(), q.stride(0), m, k, w_nib.data_ptr(), n, _ptr(za), sw.data_ptr(), sw.shape[1],
-                      _ptr(wsum), out.data_ptr(), n, torch.get_num_threads())
+    qp = q if k % 8 == 0 and q.is_contiguous() else _padded(q, 8)
+    sa = sa if sa.is_contiguous() else sa.contiguous()  # [M, 1]: the same bytes as [M]
+    library().rq_gemm(qp.data_ptr(), qp.stride(0), m, k, w_nib.data_ptr(), n, sa.data_ptr(),
+                      None if za is None else za.contiguous().data_ptr(), sw.data_ptr(), sw.shape[1],
+                      None if wsum is None else wsum.data_ptr(), out.data_ptr(), n, DTYPE_CODES[out_dtype],
+                      torch.get_num_threads())
+    return out
+
+
+def gemm_amx(q: torch.Tensor, sa: torch.Tensor, za: torch.Tensor | None, w_amx: torch.Tensor, n: int,
+             sw: torch.Tensor, wsum: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """The AMX GEMM (per-channel scales sw float32 [n, 1]); arguments as `gemm`."""
+    if not has_amx():
+        raise RuntimeError("rotquant CPU GEMM: AMX is not available here")
+    m, k = q.shape
+    out = torch.empty((m, n), dtype=out_dtype)
+    if m == 0 or n == 0:
+        return out
+    qp = q if k % 64 == 0 and m % 32 == 0 and q.is_contiguous() else _padded(q, 64, 32)
+    sa = sa if sa.is_contiguous() else sa.contiguous()
+    library().rq_gemm_amx(qp.data_ptr(), qp.stride(0), m, qp.shape[1], w_amx.data_ptr(), n, sa.data_ptr(),
+                          None if za is None else za.contiguous().data_ptr(), sw.data_ptr(),
+                          None if wsum is None else wsum.data_ptr(), out.data_ptr(), n, DTYPE_CODES[out_dtype],
+                          torch.get_num_threads())
     return out
 
 
@@ -170,3 +223,20 @@ def hadamard(x: torch.Tensor, block: int, core: torch.Tensor, norm: float) -> to
         library().rq_hadamard(x.data_ptr(), DTYPE_CODES[x.dtype], x.stride(0), y.data_ptr(), m, k, block,
                               core.shape[0], core.data_ptr(), norm, torch.get_num_threads())
     return y
+
+
+def hadamard_quant(x: torch.Tensor, block: int, core: torch.Tensor, norm: float, clip: float, bits: int,
+                   symmetric: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """`hadamard` then the reference's per-token quantization of each row -> (q int8 [M, K],
+    scale float32 [M, 1], zero int32 [M, 1] or None)."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    m, k = x.shape
+    q = torch.empty((m, k), dtype=torch.int8)
+    s = torch.empty((m, 1), dtype=torch.float32)
+    z = None if symmetric else torch.empty((m, 1), dtype=torch.int32)
+    if m:
+        library().rq_hadamard_quant(x.data_ptr(), DTYPE_CODES[x.dtype], x.stride(0), q.data_ptr(), s.data_ptr(),
+                                    _ptr(z), m, k, block, core.shape[0], core.data_ptr(), norm, clip, bits,
+                                    torch.get_num_threads())
+    return q, s, z

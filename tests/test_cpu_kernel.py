@@ -54,44 +54,87 @@ def _ulp32(x: torch.Tensor) -> torch.Tensor:
     return (torch.nextafter(x, torch.full_like(x, float("inf"))) - x).double()
 
 
-# ----------------------------------------------------------------------------- the integer GEMM
+# ----------------------------------------------------------------------------- the GEMM paths
+def _paths(w, sw, spec):
+    """Every GEMM path of the CPU kernel for these weights: name -> fn(q, sa, za, out_dtype)."""
+    n = w.shape[0]
+    t = {"w_nib": cpu_native.pack_weights(w), "w_scale": sw.float().contiguous(),
+         "w_sum": ref.weight_sums_ref(w, sw.shape[1]).contiguous()}
+    paths = {"vnni": lambda q, sa, za, dt: cpu_native.gemm(q, sa, za, t["w_nib"], n, t["w_scale"],
+                                                           None if za is None else t["w_sum"], dt)}
+    if sw.shape[1] == 1:
+        if cpu_native.has_amx():
+            w_amx = cpu_native.pack_weights_amx(w)
+            paths["amx"] = lambda q, sa, za, dt: cpu_native.gemm_amx(q, sa, za, w_amx, n, t["w_scale"],
+                                                                     None if za is None else t["w_sum"], dt)
+        if cpu_kernel.onednn_unavailable_reason() is None and cpu_kernel._onednn_exact(
+                w.shape[1], spec.act_bits, not spec.act_symmetric):
+            handle = cpu_kernel._register_onednn(w)
+            none = torch.empty(0, dtype=torch.int8)
+
+            def onednn(q, sa, za, dt):
+                big = q.shape[0] > cpu_kernel.NATIVE_MAX_M  # the op routes small M to the VNNI kernel
+                return torch.ops.rotquant.cpu_gemm(q, sa, za, t["w_nib"], none, handle if big else torch.tensor([-1]),
+                                                   t["w_scale"], None if za is None else t["w_sum"], n, dt)
+            paths["onednn"] = onednn
+    return paths
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("sym", [True, False])
 @pytest.mark.parametrize("m,k,n", SHAPES)
-def test_integer_gemm_is_exact(m, k, n, bits, sym):
-    """cpu_int_gemm (both paths) returns the exact integer sums sum_k (q - za) * w as float32."""
+def test_integer_accumulation_is_exact(m, k, n, bits, sym):
+    """Every GEMM path with unit scales and a float32 output returns the exact integer sums
+    sum_k (q - za) * w (all below 2^24 here, so float32 holds them)."""
     gen = torch.Generator().manual_seed(m * 1000 + k + n + bits)
     x = _acts(m, k, gen, torch.float32, 0.0 if sym else 0.7)
     q, s, z = (*ref.quant_act_ref(x, 0.9, bits), None) if sym else ref.quant_act_asym_ref(x, 0.9, bits)
+    w, _ = _weights(n, k, 1, gen)
+    exact = (q.long() - (0 if z is None else z.long())) @ w.long().T
+    ones_m, ones_n = torch.ones(m, 1), torch.ones(n, 1)
+    for name, fn in _paths(w, ones_n, _spec(k, n, bits, sym)).items():
+        acc = fn(q, ones_m, z, torch.float32)
+        assert acc.dtype == torch.float32 and acc.shape == (m, n)
+        assert torch.equal(acc.double(), exact.double()), name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("bits,sym", [(4, True), (8, True), (4, False), (8, False)])
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_gemm_epilogue_equals_reference(m, k, n, bits, sym, dtype):
+    """Per channel: fl(fl(acc * sa) * sw) rounded once, the reference's bits, on every path."""
+    gen = torch.Generator().manual_seed(m * 7 + k + n + bits)
+    x = _acts(m, k, gen, torch.float32, 0.0 if sym else 0.7)
+    q, s, z = (*ref.quant_act_ref(x, 0.9, bits), None) if sym else ref.quant_act_asym_ref(x, 0.9, bits)
     w, sw = _weights(n, k, 1, gen)
-    kern, t = _kernel(_spec(k, n, bits, sym), w, sw)
-    acc = torch.ops.rotquant.cpu_int_gemm(q, z, t["w_nib"], t["w_onednn"], t["w_scale"], t.get("w_sum"), n)
-    xi = q.long() - (0 if z is None else z.long())
-    exact = xi @ w.long().T
-    assert acc.dtype == torch.float32 and acc.shape == (m, n)
-    assert torch.equal(acc.double(), exact.double())
-    native = cpu_native.int_gemm(q, z, t["w_nib"], n, t["w_scale"], t.get("w_sum"))  # the native path at any M
-    assert torch.equal(native.double(), exact.double())
+    want = ref.w4a4_gemm_ref(q, s, w, sw, dtype, z)
+    for name, fn in _paths(w, sw, _spec(k, n, bits, sym)).items():
+        out = fn(q, s, z, dtype)
+        assert out.dtype == dtype and torch.equal(out, want), name
 
 
 @pytest.mark.parametrize("sym", [True, False])
 @pytest.mark.parametrize("m,k,n,group", [(1, 576, 960, 32), (3, 200, 17, 8), (7, 1536, 576, 128), (33, 576, 100, 64),
                                          (130, 96, 40, 32)])
 def test_grouped_gemm_within_one_float32_ulp_of_exact(m, k, n, group, sym):
-    """Group-wise: fl32(sum_g sw * acc_g) summed in float64; the exact value is rounded to float32
-    but for ties within ~K * 2^-53 relative of a boundary, where it is one ulp away."""
+    """Group-wise: fl32(sum_g sw * acc_g) summed in float64, times sa; the exact value is rounded
+    to float32 but for ties within ~K * 2^-53 relative of a boundary, where it is one ulp away."""
     gen = torch.Generator().manual_seed(m + k + n + group)
     x = _acts(m, k, gen, torch.float32, 0.0 if sym else 0.5)
     q, s, z = (*ref.quant_act_ref(x, 0.9, 4), None) if sym else ref.quant_act_asym_ref(x, 0.9, 4)
     w, sw = _weights(n, k, k // group, gen)
-    kern, t = _kernel(_spec(k, n, 4, sym, group), w, sw)
-    acc = torch.ops.rotquant.cpu_int_gemm(q, z, t["w_nib"], t["w_onednn"], t["w_scale"], t.get("w_sum"), n)
+    paths = _paths(w, sw, _spec(k, n, 4, sym, group))
+    assert list(paths) == ["vnni"]  # groups: the VNNI kernel only
+    ones = torch.ones(m, 1)
+    acc = paths["vnni"](q, ones, z, torch.float32)  # sa = 1: the float32 group sum itself
     g = k // group
     xi = q.long() - (0 if z is None else z.long())
     sums = (xi.reshape(m, 1, g, group) * w.long().reshape(1, n, g, group)).sum(-1)  # exact [m, n, g]
     exact = (sums.double() * sw.double()[None]).sum(-1)  # products exact, G-term float64 sum
     assert ((acc.double() - exact).abs() <= _ulp32(exact)).all()
     assert (acc.double() != exact.float().double()).float().mean() < 1e-3
+    out = paths["vnni"](q, s, z, torch.float32)
+    assert torch.equal(out, (acc * s))  # then times sa, rounded once
 
 
 # ----------------------------------------------------------------------------- the whole linear
@@ -165,6 +208,9 @@ def test_r4_linear_exact_on_its_hadamard_and_close_to_reference(m, bits, sym):
     out = kern.apply(x, t)
     y = torch.ops.rotquant.cpu_hadamard(x, block)
     qa, sa, za = ops.quantize_activations(y, bits, 0.9, None, sym)
+    # the fused native Hadamard + quantization quantizes exactly as the reference does
+    fused = kern.quantize_input(x)
+    assert torch.equal(fused[0], qa) and torch.equal(fused[1], sa) and (sym or torch.equal(fused[2], za))
     assert torch.equal(out, ops.w4a4_gemm(qa, sa, w, sw, torch.bfloat16, za))
     q_ref, s_ref, z_ref = ops.quantize_activations(x, bits, 0.9, block, sym)
     d = (qa.int() - q_ref.int()).abs()
