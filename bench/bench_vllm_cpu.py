@@ -5,7 +5,7 @@ All servers are started first (default CPU compilation: Dynamo + Inductor; each 
 compile cache), then the workloads alternate between them (bf16, W4A4, ..., bf16, W4A4, ...) for
 `--rounds` rounds, so that a machine shared with other jobs slows every model alike; the table
 shows each metric's best round and the ratio to bf16. Through /v1/completions (greedy, ignore_eos):
-- prompt: 4 prompts of 512 tokens, one at a time, max_tokens 1 -> prompt tokens / s;
+- prompt: 8 prompts of 512 tokens, one at a time, max_tokens 1 -> prompt tokens / s;
 - decode, 1 request: 128 generated tokens after a 32-token prompt -> tokens / s;
 - decode, 32 concurrent requests x 32 generated tokens -> all generated tokens / s;
 - startup: process start to /health = 200, cold compile cache;
@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from vllm_server import VllmServer  # noqa: E402
 
-PROMPT_LEN, PROMPTS = 512, 4
+PROMPT_LEN, PROMPTS = 512, 8
 DECODE_PROMPT, DECODE_TOKENS = 32, 128
 CONCURRENT, CONCURRENT_TOKENS = 32, 32
 

@@ -16,8 +16,8 @@ Pieces (chosen by measurement on a 2-core x86 CPU, bench/RESULTS.md):
   * up to NATIVE_MAX_M tokens (decode) and for group-wise scales: the native VNNI kernel
     (kernels/cpu_native.c: AVX512-VNNI / AVX-VNNI / AVX2 `vpmaddubsw` / portable C), which reads
     the INT4 weights themselves (0.5 byte a weight);
-  * more tokens, per-channel scales: the native AMX kernel (int8 tiles, `tdpbssd`) where the CPU
-    has AMX, with an int8 copy of the weights (1 byte a weight); without AMX, oneDNN's s8 matmul
+  * more tokens, per-channel scales: the native AMX kernel (`tdpbsud` on tiles it unpacks from the
+    same INT4 weights) where the CPU has AMX; without AMX, oneDNN's s8 matmul (1 byte a weight more)
     through torch (`torch.ops.onednn.qlinear_pointwise`) with unit scales and a float32 output,
     i.e. float(acc), exact while |acc| < 2^24 (`_onednn_exact`, else the VNNI kernel runs), and
     the epilogue in torch.
@@ -92,18 +92,18 @@ def _onednn_exact(k: int, bits: int, asymmetric: bool) -> bool:
 
 # ------------------------------------------------------------------------------ custom ops
 _lib = torch.library.Library("rotquant", "FRAGMENT")
-_lib.define("cpu_gemm(Tensor q, Tensor sa, Tensor? za, Tensor w_nib, Tensor w_amx, Tensor w_onednn, Tensor w_scale, "
-            "Tensor? w_sum, int n, ScalarType out_dtype) -> Tensor")
+_lib.define("cpu_gemm(Tensor q, Tensor sa, Tensor? za, Tensor w_nib, Tensor w_onednn, Tensor w_scale, Tensor? w_sum, "
+            "int n, ScalarType out_dtype) -> Tensor")
 _lib.define("cpu_hadamard(Tensor x, int block) -> Tensor")
 _lib.define("cpu_hadamard_quant(Tensor x, int block, float clip, int bits) -> (Tensor, Tensor)")
 _lib.define("cpu_hadamard_quant_asym(Tensor x, int block, float clip, int bits) -> (Tensor, Tensor, Tensor)")
 
 
-def _cpu_gemm(q, sa, za, w_nib, w_amx, w_onednn, w_scale, w_sum, n, out_dtype):
+def _cpu_gemm(q, sa, za, w_nib, w_onednn, w_scale, w_sum, n, out_dtype):
     m = q.shape[0]
     if m > NATIVE_MAX_M and w_scale.shape[1] == 1:
-        if w_amx.numel():
-            return cpu_native.gemm_amx(q, sa, za, w_amx, n, w_scale, w_sum, out_dtype)
+        if cpu_native.has_amx():
+            return cpu_native.gemm_amx(q, sa, za, w_nib, n, w_scale, w_sum, out_dtype)
         handle = int(w_onednn[0])
         if handle >= 0:
             ones, zeros = _onednn_unit[n]
@@ -119,7 +119,7 @@ _lib.impl("cpu_gemm", _cpu_gemm, "CPU")
 
 
 @torch.library.register_fake("rotquant::cpu_gemm")
-def _(q, sa, za, w_nib, w_amx, w_onednn, w_scale, w_sum, n, out_dtype):
+def _(q, sa, za, w_nib, w_onednn, w_scale, w_sum, n, out_dtype):
     return q.new_empty((q.shape[0], n), dtype=out_dtype)
 
 
@@ -207,22 +207,17 @@ class CpuInt8Kernel(RotQuantKernel):
             return f"no Hadamard matrix of order {spec.hadamard_block}"
         return cpu_native.unavailable_reason()
 
-    def _layouts(self) -> tuple[bool, bool]:
-        """(AMX copy, oneDNN copy) of the weights for the many-token per-channel GEMM."""
+    def _uses_onednn(self) -> bool:
+        """Whether the many-token per-channel GEMM runs on oneDNN (CPUs without AMX), which needs
+        its own int8 copy of the weights."""
         s = self.spec
-        if s.groups > 1:
-            return False, False
-        if cpu_native.has_amx():
-            return True, False
-        ok = onednn_unavailable_reason() is None and _onednn_exact(s.in_features, s.act_bits, not s.act_symmetric)
-        return False, ok
+        return (s.groups == 1 and not cpu_native.has_amx() and onednn_unavailable_reason() is None
+                and _onednn_exact(s.in_features, s.act_bits, not s.act_symmetric))
 
     def prepare(self, w_packed: torch.Tensor, w_scale: torch.Tensor) -> dict[str, torch.Tensor]:
         w_int = unpack_int4(w_packed)
-        amx, onednn = self._layouts()
         out = {"w_nib": cpu_native.pack_weights(w_int), "w_scale": w_scale.float().contiguous(),
-               "w_amx": cpu_native.pack_weights_amx(w_int) if amx else torch.empty(0, dtype=torch.int8),
-               "w_onednn": _register_onednn(w_int) if onednn else torch.tensor([-1], dtype=torch.int64)}
+               "w_onednn": _register_onednn(w_int) if self._uses_onednn() else torch.tensor([-1], dtype=torch.int64)}
         if not self.spec.act_symmetric:
             out["w_sum"] = ref.weight_sums_ref(w_int, self.spec.groups).contiguous()
         return out
@@ -249,8 +244,8 @@ class CpuInt8Kernel(RotQuantKernel):
         return super().quantize_input(x2, all_gather)
 
     def gemm(self, q, scale, zero, weights, out_dtype):
-        return torch.ops.rotquant.cpu_gemm(q, scale, zero, weights["w_nib"], weights["w_amx"], weights["w_onednn"],
-                                           weights["w_scale"], weights.get("w_sum"), self.spec.out_features, out_dtype)
+        return torch.ops.rotquant.cpu_gemm(q, scale, zero, weights["w_nib"], weights["w_onednn"], weights["w_scale"],
+                                           weights.get("w_sum"), self.spec.out_features, out_dtype)
 
 
 KERNEL = CpuInt8Kernel

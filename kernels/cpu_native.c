@@ -17,9 +17,11 @@
  *    u = 8, w = 0). One 64-byte load gives two u8 tiles [16 channels x 4 columns] for `vpdpbusd`
  *    (u8 x s8 -> s32) against four activations broadcast to every lane; since sum u*q =
  *    sum w*q + 8 sum q, the accumulator loses 8 x (the row's activation sum), exactly.
- * 2. rq_gemm_amx (per channel, many tokens): Intel AMX `tdpbssd` on int8 tiles; weights in the
- *    "vnni4" layout (rq_pack_weights_amx): per block of 32 channels and chunk of 64 columns, two
- *    1 KiB tiles [16 rows = k/4] x [16 channels x 4 columns] of signed int8.
+ * 2. rq_gemm_amx (per channel, many tokens): Intel AMX `tdpbsud` (s8 activations x u8 weights)
+ *    on the same nib64 weights: the low and high nibbles of one 64-byte vector are rows 2c and
+ *    2c + 1 of an AMX B tile [16 rows = k/4] x [16 channels x 4 columns], so each thread unpacks a
+ *    32-channel block's tiles once (into L1/L2) and reuses them for every 32 rows of activations;
+ *    the u = w + 8 correction is the VNNI kernel's.
  * 3. rq_hadamard: block-diagonal normalized Hadamard H = kron(C, S) / sqrt(block) along rows
  *    (S Sylvester of order B: fast Walsh-Hadamard butterflies; C a +-1 core of order A, dense),
  *    float32 out. It differs from the reference's dense float32 matmul in summation order only
@@ -47,7 +49,7 @@ enum { RQ_F32 = 0, RQ_BF16 = 1, RQ_F16 = 2 };
 #define RQ_PAR_MIN_MACS (1 << 20)  /* GEMMs below ~10 us on one core run on one thread */
 #define RQ_PAR_MIN_ELEMS (1 << 14) /* Hadamards below ~16k elements too */
 
-int rq_abi_version(void) { return 3; }
+int rq_abi_version(void) { return 4; }
 
 int rq_isa(void) {
     /* the GEMM this build was compiled for: 3 AVX512-VNNI, 2 AVX-VNNI, 1 AVX2, 0 portable C */
@@ -128,9 +130,12 @@ static inline void epilogue16(__m512i acc, float sa, const float* sw, void* out,
 #endif
 
 /* ------------------------------------------------------------------------------------ packing */
-/* w: int8 [N, K] in [-8, 7] (row-major) -> nib64 layout: bytes [ceil(N/64)][ceil(K/8)][4][64]. */
+/* chunks of 8 columns per 64-channel block: K padded to a multiple of 64 (whole AMX tiles) */
+static inline int64_t nib_chunks(int64_t K) { return (K + 63) / 64 * 8; }
+
+/* w: int8 [N, K] in [-8, 7] (row-major) -> nib64 layout: bytes [ceil(N/64)][nib_chunks(K)][4][64]. */
 void rq_pack_weights(const int8_t* w, int64_t N, int64_t K, uint8_t* out) {
-    const int64_t nb = (N + 63) / 64, kc = (K + 7) / 8;
+    const int64_t nb = (N + 63) / 64, kc = nib_chunks(K);
     for (int64_t b = 0; b < nb; ++b)
         for (int64_t c = 0; c < kc; ++c)
             for (int s = 0; s < 4; ++s) {
@@ -145,22 +150,6 @@ void rq_pack_weights(const int8_t* w, int64_t N, int64_t K, uint8_t* out) {
                         dst[ch * 4 + j] = (uint8_t)(u0 | (u1 << 4));
                     }
                 }
-            }
-}
-
-/* w: int8 [N, K] -> vnni4 layout: bytes [ceil(N/32)][ceil(K/64)][2][16][64] (see the top). */
-void rq_pack_weights_amx(const int8_t* w, int64_t N, int64_t K, int8_t* out) {
-    const int64_t nb = (N + 31) / 32, kc = (K + 63) / 64;
-    for (int64_t b = 0; b < nb; ++b)
-        for (int64_t c = 0; c < kc; ++c)
-            for (int s = 0; s < 2; ++s) {
-                int8_t* dst = out + ((b * kc + c) * 2 + s) * 1024;
-                for (int r = 0; r < 16; ++r)
-                    for (int ch = 0; ch < 16; ++ch)
-                        for (int j = 0; j < 4; ++j) {
-                            const int64_t n = b * 32 + s * 16 + ch, k = c * 64 + r * 4 + j;
-                            dst[r * 64 + ch * 4 + j] = (n < N && k < K) ? w[n * K + k] : 0;
-                        }
             }
 }
 
@@ -274,7 +263,7 @@ static void dot_chunks(const uint8_t* wb, const int8_t* const* qrow, int mr, int
 void rq_gemm(const int8_t* q, int64_t ldq, int64_t M, int64_t K, const uint8_t* wp, int64_t N, const float* sa,
              const int32_t* za, const float* sw, int64_t G, const int32_t* wsum, void* out, int64_t ldo,
              int out_dtype, int threads) {
-    const int64_t nb = (N + 63) / 64, kc = (K + 7) / 8;
+    const int64_t nb = (N + 63) / 64, kc = (K + 7) / 8, kcp = nib_chunks(K);
     const int64_t chunks_per_group = kc / G; /* G > 1: the group size is a multiple of 8 */
     const int64_t mb = (M + MR - 1) / MR;
     /* 8 x (sum of each row's activations over each group): the u = w + 8 correction */
@@ -297,7 +286,7 @@ void rq_gemm(const int8_t* q, int64_t ldq, int64_t M, int64_t K, const uint8_t* 
         const int mr = (int)(M - m0 < MR ? M - m0 : MR);
         const int8_t* qrow[MR];
         for (int r = 0; r < MR; ++r) qrow[r] = q + (m0 + (r < mr ? r : 0)) * ldq;
-        const uint8_t* wb = wp + b * kc * 256;
+        const uint8_t* wb = wp + b * kcp * 256;
         int32_t acc[MR][64];
         double dsum[MR][64];
         if (G > 1) memset(dsum, 0, sizeof(dsum));
@@ -371,35 +360,56 @@ static void amx_configure(void) {
 #endif
 
 /* q: int8 [M, K] (row stride ldq; K a multiple of 64 and M a multiple of 32 in the rows read:
- * the Python wrapper pads), wp: vnni4 weights of [N, K], per-channel sw: float32 [N]; else as
+ * the Python wrapper pads), wp: nib64 weights of [N, K], per-channel sw: float32 [N]; else as
  * rq_gemm. */
-void rq_gemm_amx(const int8_t* q, int64_t ldq, int64_t M, int64_t K, const int8_t* wp, int64_t N, const float* sa,
+void rq_gemm_amx(const int8_t* q, int64_t ldq, int64_t M, int64_t K, const uint8_t* wp, int64_t N, const float* sa,
                  const int32_t* za, const float* sw, const int32_t* wsum, void* out, int64_t ldo, int out_dtype,
                  int threads) {
 #if defined(RQ_AMX)
-    const int64_t nb = (N + 31) / 32, kc = K / 64, mb = (M + 31) / 32;
+    const int64_t nb = (N + 31) / 32, kc = K / 64, kcp = nib_chunks(K), mb = (M + 31) / 32;
     const int64_t tasks = nb * mb;
     const int par = threads > 1 && tasks > 1 && M * N * K >= RQ_PAR_MIN_MACS;
+    int32_t* rowsum = (int32_t*)malloc(sizeof(int32_t) * (size_t)M); /* 8 x sum_k q: u = w + 8 */
+    for (int64_t m = 0; m < M; ++m) {
+        int32_t t = 0;
+        for (int64_t k = 0; k < K; ++k) t += q[m * ldq + k];
+        rowsum[m] = 8 * t;
+    }
 #pragma omp parallel num_threads(threads) if (par)
     {
         amx_configure();
         int32_t c[4][16][16] __attribute__((aligned(64)));
+        uint8_t* tiles = (uint8_t*)aligned_alloc(64, (size_t)kc * 2048); /* this block's B tiles */
+        int64_t have = -1;
+        const __m512i low = _mm512_set1_epi8(0x0f);
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < tasks; ++t) {
             const int64_t b = t / mb, rb = t % mb; /* consecutive tasks share the weight block */
+            if (b != have) { /* unpack channels 32b .. 32b+31: nib64 block b/2, sub-blocks 2(b%2), +1 */
+                for (int64_t k = 0; k < kc; ++k)
+                    for (int s = 0; s < 2; ++s) {
+                        uint8_t* dst = tiles + k * 2048 + s * 1024;
+                        const uint8_t* src = wp + (((b / 2) * kcp + k * 8) * 4 + (b % 2) * 2 + s) * 64;
+                        for (int cc = 0; cc < 8; ++cc) {
+                            const __m512i v = _mm512_loadu_si512(src + cc * 256);
+                            _mm512_store_si512(dst + (2 * cc) * 64, _mm512_and_si512(v, low));
+                            _mm512_store_si512(dst + (2 * cc + 1) * 64, _mm512_and_si512(_mm512_srli_epi16(v, 4), low));
+                        }
+                    }
+                have = b;
+            }
             const int64_t m0 = rb * 32;
             const int8_t* a0 = q + m0 * ldq;
-            const int8_t* wb = wp + b * kc * 2048;
             _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
             for (int64_t k = 0; k < kc; ++k) {
                 _tile_loadd(4, a0 + k * 64, ldq);
                 _tile_loadd(5, a0 + 16 * ldq + k * 64, ldq);
-                _tile_loadd(6, wb + k * 2048, 64);
-                _tile_loadd(7, wb + k * 2048 + 1024, 64);
-                _tile_dpbssd(0, 4, 6);
-                _tile_dpbssd(1, 4, 7);
-                _tile_dpbssd(2, 5, 6);
-                _tile_dpbssd(3, 5, 7);
+                _tile_loadd(6, tiles + k * 2048, 64);
+                _tile_loadd(7, tiles + k * 2048 + 1024, 64);
+                _tile_dpbsud(0, 4, 6);
+                _tile_dpbsud(1, 4, 7);
+                _tile_dpbsud(2, 5, 6);
+                _tile_dpbsud(3, 5, 7);
             }
             _tile_stored(0, c[0], 64);
             _tile_stored(1, c[1], 64);
@@ -414,14 +424,16 @@ void rq_gemm_amx(const int8_t* q, int64_t ldq, int64_t M, int64_t K, const int8_
                 for (int r = 0; r < 16; ++r) {
                     const int64_t m = m0 + (i >> 1) * 16 + r;
                     if (m >= M) break;
-                    __m512i acc = _mm512_load_si512(c[i][r]);
+                    __m512i acc = _mm512_sub_epi32(_mm512_load_si512(c[i][r]), _mm512_set1_epi32(rowsum[m]));
                     if (za) acc = _mm512_sub_epi32(acc, _mm512_mullo_epi32(_mm512_set1_epi32(za[m]), ws));
                     epilogue16(acc, sa[m], sw + n0, out, out_dtype, m * ldo + n0, n);
                 }
             }
         }
+        free(tiles);
         _tile_release();
     }
+    free(rowsum);
 #else
     (void)q; (void)ldq; (void)M; (void)K; (void)wp; (void)N; (void)sa; (void)za; (void)sw; (void)wsum;
     (void)out; (void)ldo; (void)out_dtype; (void)threads;

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("cpu_native.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-fast-math", "-std=gnu11",
          "-shared", "-fPIC")
-ABI_VERSION = 3
+ABI_VERSION = 4
 ISA_NAMES = {3: "AVX512-VNNI", 2: "AVX-VNNI", 1: "AVX2", 0: "portable C"}
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -85,7 +85,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     for name, args in {
         "rq_abi_version": [], "rq_isa": [], "rq_has_amx": [],
-        "rq_pack_weights": [p, i64, i64, p], "rq_pack_weights_amx": [p, i64, i64, p],
+        "rq_pack_weights": [p, i64, i64, p],
         "rq_gemm": [p, i64, i64, i64, p, i64, p, p, p, i64, p, p, i64, i32, i32],
         "rq_gemm_amx": [p, i64, i64, i64, p, i64, p, p, p, p, p, i64, i32, i32],
         "rq_hadamard": [p, i32, i64, p, i64, i64, i64, i64, p, f32, i32],
@@ -147,20 +147,12 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 
 def pack_weights(w_int: torch.Tensor) -> torch.Tensor:
-    """int8 [N, K] in [-8, 7] -> the VNNI GEMM's nib64 layout, uint8 [ceil(N/64) * ceil(K/8) * 256]."""
+    """int8 [N, K] in [-8, 7] -> the native GEMMs' nib64 layout (0.5 byte a weight; see
+    cpu_native.c), uint8 [ceil(N/64) * ceil(K/64) * 8 * 256]."""
     w = w_int.contiguous()
     n, k = w.shape
-    out = torch.empty(((n + 63) // 64) * ((k + 7) // 8) * 256, dtype=torch.uint8)
+    out = torch.empty(((n + 63) // 64) * ((k + 63) // 64) * 8 * 256, dtype=torch.uint8)
     library().rq_pack_weights(w.data_ptr(), n, k, out.data_ptr())
-    return out
-
-
-def pack_weights_amx(w_int: torch.Tensor) -> torch.Tensor:
-    """int8 [N, K] -> the AMX GEMM's vnni4 layout, int8 [ceil(N/32) * ceil(K/64) * 2048]."""
-    w = w_int.contiguous()
-    n, k = w.shape
-    out = torch.empty(((n + 31) // 32) * ((k + 63) // 64) * 2048, dtype=torch.int8)
-    library().rq_pack_weights_amx(w.data_ptr(), n, k, out.data_ptr())
     return out
 
 
@@ -194,9 +186,10 @@ def gemm(q: torch.Tensor, sa: torch.Tensor, za: torch.Tensor | None, w_nib: torc
     return out
 
 
-def gemm_amx(q: torch.Tensor, sa: torch.Tensor, za: torch.Tensor | None, w_amx: torch.Tensor, n: int,
+def gemm_amx(q: torch.Tensor, sa: torch.Tensor, za: torch.Tensor | None, w_nib: torch.Tensor, n: int,
              sw: torch.Tensor, wsum: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
-    """The AMX GEMM (per-channel scales sw float32 [n, 1]); arguments as `gemm`."""
+    """The AMX GEMM on the same nib64 weights (per-channel scales sw float32 [n, 1]); arguments
+    as `gemm`."""
     if not has_amx():
         raise RuntimeError("rotquant CPU GEMM: AMX is not available here")
     m, k = q.shape
@@ -205,7 +198,7 @@ def gemm_amx(q: torch.Tensor, sa: torch.Tensor, za: torch.Tensor | None, w_amx: 
         return out
     qp = q if k % 64 == 0 and m % 32 == 0 and q.is_contiguous() else _padded(q, 64, 32)
     sa = sa if sa.is_contiguous() else sa.contiguous()
-    library().rq_gemm_amx(qp.data_ptr(), qp.stride(0), m, qp.shape[1], w_amx.data_ptr(), n, sa.data_ptr(),
+    library().rq_gemm_amx(qp.data_ptr(), qp.stride(0), m, qp.shape[1], w_nib.data_ptr(), n, sa.data_ptr(),
                           None if za is None else za.contiguous().data_ptr(), sw.data_ptr(),
                           None if wsum is None else wsum.data_ptr(), out.data_ptr(), n, DTYPE_CODES[out_dtype],
                           torch.get_num_threads())

@@ -64,18 +64,19 @@ def _paths(w, sw, spec):
                                                            None if za is None else t["w_sum"], dt)}
     if sw.shape[1] == 1:
         if cpu_native.has_amx():
-            w_amx = cpu_native.pack_weights_amx(w)
-            paths["amx"] = lambda q, sa, za, dt: cpu_native.gemm_amx(q, sa, za, w_amx, n, t["w_scale"],
+            paths["amx"] = lambda q, sa, za, dt: cpu_native.gemm_amx(q, sa, za, t["w_nib"], n, t["w_scale"],
                                                                      None if za is None else t["w_sum"], dt)
         if cpu_kernel.onednn_unavailable_reason() is None and cpu_kernel._onednn_exact(
                 w.shape[1], spec.act_bits, not spec.act_symmetric):
             handle = cpu_kernel._register_onednn(w)
-            none = torch.empty(0, dtype=torch.int8)
 
-            def onednn(q, sa, za, dt):
-                big = q.shape[0] > cpu_kernel.NATIVE_MAX_M  # the op routes small M to the VNNI kernel
-                return torch.ops.rotquant.cpu_gemm(q, sa, za, t["w_nib"], none, handle if big else torch.tensor([-1]),
-                                                   t["w_scale"], None if za is None else t["w_sum"], n, dt)
+            def onednn(q, sa, za, dt):  # the op's branch for CPUs without AMX
+                saved, cpu_native.has_amx = cpu_native.has_amx, lambda: False
+                try:
+                    return torch.ops.rotquant.cpu_gemm(q, sa, za, t["w_nib"], handle, t["w_scale"],
+                                                       None if za is None else t["w_sum"], n, dt)
+                finally:
+                    cpu_native.has_amx = saved
             paths["onednn"] = onednn
     return paths
 
