@@ -95,6 +95,7 @@ _lib = torch.library.Library("rotquant", "FRAGMENT")
 _lib.define("cpu_gemm(Tensor q, Tensor sa, Tensor? za, Tensor w_nib, Tensor w_onednn, Tensor w_scale, Tensor? w_sum, "
             "int n, ScalarType out_dtype) -> Tensor")
 _lib.define("cpu_hadamard(Tensor x, int block) -> Tensor")
+_lib.define("cpu_hadamard_as_input(Tensor x, int block) -> Tensor")
 _lib.define("cpu_hadamard_quant(Tensor x, int block, float clip, int bits) -> (Tensor, Tensor)")
 _lib.define("cpu_hadamard_quant_asym(Tensor x, int block, float clip, int bits) -> (Tensor, Tensor, Tensor)")
 
@@ -147,6 +148,11 @@ def _cpu_hadamard(x, block):
     return cpu_native.hadamard(x2, block, core, norm).reshape(x.shape)
 
 
+def _cpu_hadamard_as_input(x, block):
+    x2, (core, norm) = _rows(x, block)
+    return cpu_native.hadamard(x2, block, core, norm, x.dtype).reshape(x.shape)
+
+
 def _cpu_hadamard_quant(x, block, clip, bits):
     x2, (core, norm) = _rows(x, block)
     q, s, _ = cpu_native.hadamard_quant(x2, block, core, norm, clip, bits, True)
@@ -161,6 +167,7 @@ def _cpu_hadamard_quant_asym(x, block, clip, bits):
 
 
 _lib.impl("cpu_hadamard", _cpu_hadamard, "CPU")
+_lib.impl("cpu_hadamard_as_input", _cpu_hadamard_as_input, "CPU")
 _lib.impl("cpu_hadamard_quant", _cpu_hadamard_quant, "CPU")
 _lib.impl("cpu_hadamard_quant_asym", _cpu_hadamard_quant_asym, "CPU")
 
@@ -168,6 +175,11 @@ _lib.impl("cpu_hadamard_quant_asym", _cpu_hadamard_quant_asym, "CPU")
 @torch.library.register_fake("rotquant::cpu_hadamard")
 def _(x, block):
     return x.new_empty(x.shape, dtype=torch.float32)
+
+
+@torch.library.register_fake("rotquant::cpu_hadamard_as_input")
+def _(x, block):
+    return torch.empty_like(x)
 
 
 @torch.library.register_fake("rotquant::cpu_hadamard_quant")
@@ -183,8 +195,9 @@ def _(x, block, clip, bits):
 
 
 def hadamard(x: torch.Tensor, block: int) -> torch.Tensor:
-    """Block Hadamard of x [..., K] (float32 out) with the native kernel (R3 on query/key too)."""
-    return torch.ops.rotquant.cpu_hadamard(x, block)
+    """R3's block Hadamard of x [..., K] in x's dtype (the float32 transform rounded once, as the
+    reference op rounds it) with the native kernel."""
+    return torch.ops.rotquant.cpu_hadamard_as_input(x, block)
 
 
 # ------------------------------------------------------------------------------ the kernel

@@ -46,10 +46,13 @@
 #endif
 
 enum { RQ_F32 = 0, RQ_BF16 = 1, RQ_F16 = 2 };
-#define RQ_PAR_MIN_MACS (1 << 20)  /* GEMMs below ~10 us on one core run on one thread */
-#define RQ_PAR_MIN_ELEMS (1 << 14) /* Hadamards below ~16k elements too */
+/* A parallel region costs microseconds, and on a machine shared with other work far more (the
+ * region waits for its slowest thread): small work runs on one thread, and the threads of a
+ * region take tasks dynamically, so that one descheduled thread delays it by one task only. */
+#define RQ_PAR_MIN_MACS (4 << 20)  /* GEMMs below ~20-40 us on one core */
+#define RQ_PAR_MIN_ELEMS (1 << 16) /* Hadamards below ~30 us on one core */
 
-int rq_abi_version(void) { return 4; }
+int rq_abi_version(void) { return 5; }
 
 int rq_isa(void) {
     /* the GEMM this build was compiled for: 3 AVX512-VNNI, 2 AVX-VNNI, 1 AVX2, 0 portable C */
@@ -279,7 +282,7 @@ void rq_gemm(const int8_t* q, int64_t ldq, int64_t M, int64_t K, const uint8_t* 
     const int64_t tasks = nb * mb;
     /* a parallel region costs microseconds (and far more on a busy machine): only for real work */
     const int par = threads > 1 && tasks > 1 && M * N * K >= RQ_PAR_MIN_MACS;
-#pragma omp parallel for schedule(static) num_threads(threads) if (par)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (par)
     for (int64_t t = 0; t < tasks; ++t) {
         const int64_t b = t % nb, rb = t / nb;
         const int64_t m0 = rb * MR;
@@ -382,7 +385,7 @@ void rq_gemm_amx(const int8_t* q, int64_t ldq, int64_t M, int64_t K, const uint8
         uint8_t* tiles = (uint8_t*)aligned_alloc(64, (size_t)kc * 2048); /* this block's B tiles */
         int64_t have = -1;
         const __m512i low = _mm512_set1_epi8(0x0f);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, mb) /* a whole 32-channel block at a time: its tiles are unpacked once */
         for (int64_t t = 0; t < tasks; ++t) {
             const int64_t b = t / mb, rb = t % mb; /* consecutive tasks share the weight block */
             if (b != have) { /* unpack channels 32b .. 32b+31: nib64 block b/2, sub-blocks 2(b%2), +1 */
@@ -599,20 +602,35 @@ static void hadamard_block(const void* x, int x_dtype, int64_t off, float* dst, 
     }
 }
 
-/* x: [M, K] (row stride ldx) in x_dtype -> y: float32 [M, K] (contiguous); K a multiple of block;
- * block = A * B, B a power of two (Sylvester, fast index), core: float32 [A, A] of +-1, row-major
- * (C[i', i] multiplies input block row i' into output block row i), norm = fl32(1/sqrt(block)). */
-void rq_hadamard(const void* x, int x_dtype, int64_t ldx, float* y, int64_t M, int64_t K, int64_t block,
+/* x: [M, K] (row stride ldx) in x_dtype -> y: [M, K] (contiguous) in out_dtype; K a multiple of
+ * block; block = A * B, B a power of two (Sylvester, fast index), core: float32 [A, A] of +-1,
+ * row-major (C[i', i] multiplies input block row i' into output block row i), norm = fl32(1/sqrt(block)).
+ * A 16-bit out_dtype gets the float32 result rounded once (R3 on query and key). */
+void rq_hadamard(const void* x, int x_dtype, int64_t ldx, void* y, int out_dtype, int64_t M, int64_t K, int64_t block,
                  int64_t A, const float* core, float norm, int threads) {
     const int64_t nblk = K / block, tasks = M * nblk;
     const int par = threads > 1 && tasks > 1 && M * K >= RQ_PAR_MIN_ELEMS;
 #pragma omp parallel num_threads(threads) if (par)
     {
-        float* z = (float*)malloc(sizeof(float) * (size_t)block);
-#pragma omp for schedule(static)
+        float* z = (float*)malloc(sizeof(float) * (size_t)block * 2);
+        float* f = z + block;
+#pragma omp for schedule(dynamic, 16)
         for (int64_t t = 0; t < tasks; ++t) {
-            const int64_t m = t / nblk, blk = t % nblk;
-            hadamard_block(x, x_dtype, m * ldx + blk * block, y + m * K + blk * block, z, block, A, core, norm);
+            const int64_t m = t / nblk, blk = t % nblk, off = m * K + blk * block;
+            if (out_dtype == RQ_F32) {
+                hadamard_block(x, x_dtype, m * ldx + blk * block, (float*)y + off, z, block, A, core, norm);
+                continue;
+            }
+            hadamard_block(x, x_dtype, m * ldx + blk * block, f, z, block, A, core, norm);
+            for (int64_t j = 0; j < block; j += 16) {
+                const int n = (int)(block - j < 16 ? block - j : 16);
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+                const __mmask16 mask = n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1);
+                store_vec(y, out_dtype, off + j, _mm512_maskz_loadu_ps(mask, f + j), mask);
+#else
+                store_f32s(y, out_dtype, off + j, f + j, n);
+#endif
+            }
         }
         free(z);
     }
@@ -634,7 +652,7 @@ void rq_hadamard_quant(const void* x, int x_dtype, int64_t ldx, int8_t* q, float
     {
         float* z = (float*)malloc(sizeof(float) * (size_t)block);
         float* y = (float*)malloc(sizeof(float) * (size_t)K);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 4)
         for (int64_t m = 0; m < M; ++m) {
             for (int64_t blk = 0; blk < nblk; ++blk)
                 hadamard_block(x, x_dtype, m * ldx + blk * block, y + blk * block, z, block, A, core, norm);

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("cpu_native.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-fast-math", "-std=gnu11",
          "-shared", "-fPIC")
-ABI_VERSION = 4
+ABI_VERSION = 5
 ISA_NAMES = {3: "AVX512-VNNI", 2: "AVX-VNNI", 1: "AVX2", 0: "portable C"}
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -88,7 +88,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "rq_pack_weights": [p, i64, i64, p],
         "rq_gemm": [p, i64, i64, i64, p, i64, p, p, p, i64, p, p, i64, i32, i32],
         "rq_gemm_amx": [p, i64, i64, i64, p, i64, p, p, p, p, p, i64, i32, i32],
-        "rq_hadamard": [p, i32, i64, p, i64, i64, i64, i64, p, f32, i32],
+        "rq_hadamard": [p, i32, i64, p, i32, i64, i64, i64, i64, p, f32, i32],
         "rq_hadamard_quant": [p, i32, i64, p, p, p, i64, i64, i64, i64, p, f32, f32, i32, i32],
     }.items():
         fn = getattr(lib, name)
@@ -205,16 +205,18 @@ def gemm_amx(q: torch.Tensor, sa: torch.Tensor, za: torch.Tensor | None, w_nib: 
     return out
 
 
-def hadamard(x: torch.Tensor, block: int, core: torch.Tensor, norm: float) -> torch.Tensor:
-    """Block Hadamard kron(core, Sylvester)/sqrt(block) along the last dim of x [M, K] -> float32.
-    `core`: float32 [A, A] of +-1 (A = 1: pure Sylvester)."""
+def hadamard(x: torch.Tensor, block: int, core: torch.Tensor, norm: float,
+             out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Block Hadamard kron(core, Sylvester)/sqrt(block) along the last dim of x [M, K], computed in
+    float32 and stored in out_dtype (rounded once). `core`: float32 [A, A] of +-1 (A = 1: pure
+    Sylvester)."""
     if x.stride(-1) != 1:
         x = x.contiguous()
     m, k = x.shape
-    y = torch.empty((m, k), dtype=torch.float32)
+    y = torch.empty((m, k), dtype=out_dtype)
     if m:
-        library().rq_hadamard(x.data_ptr(), DTYPE_CODES[x.dtype], x.stride(0), y.data_ptr(), m, k, block,
-                              core.shape[0], core.data_ptr(), norm, torch.get_num_threads())
+        library().rq_hadamard(x.data_ptr(), DTYPE_CODES[x.dtype], x.stride(0), y.data_ptr(), DTYPE_CODES[out_dtype],
+                              m, k, block, core.shape[0], core.data_ptr(), norm, torch.get_num_threads())
     return y
 
 

@@ -217,7 +217,7 @@ def hadamard_op(device_type: str, block: int) -> tuple[Callable[[torch.Tensor], 
             from vllm_rotquant.kernels import cpu_native
 
             if not isinstance(cls, str) and cpu_native.unavailable_reason() is None:
-                return (lambda x: torch.ops.rotquant.cpu_hadamard(x, block).to(x.dtype)), "CpuInt8"
+                return (lambda x: torch.ops.rotquant.cpu_hadamard_as_input(x, block)), "CpuInt8"
     return (lambda x: torch.ops.rotquant.hadamard(x, block)), "Reference"
 
 

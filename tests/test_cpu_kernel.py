@@ -188,6 +188,8 @@ def test_native_hadamard_against_float64(block, k):
         assert y.dtype == torch.float32 and y.shape == x.shape
         assert ((y.double() - h64).abs() / rowmax).max() < 2e-6
         assert ((ref.hadamard_ref(x, block).double() - h64).abs() / rowmax).max() < 2e-6
+        # R3's variant stores x's dtype: the float32 result rounded once, as torch rounds it
+        assert torch.equal(torch.ops.rotquant.cpu_hadamard_as_input(x, block), y.to(dtype))
     y3 = torch.ops.rotquant.cpu_hadamard(x.reshape(3, 3, k), block)  # any leading shape
     assert torch.equal(y3.reshape(9, k), y)
     with pytest.raises(ValueError, match="not a multiple of block"):
