@@ -49,7 +49,7 @@ enum { RQ_F32 = 0, RQ_BF16 = 1, RQ_F16 = 2 };
 /* A parallel region costs microseconds, and on a machine shared with other work far more (the
  * region waits for its slowest thread): small work runs on one thread, and the threads of a
  * region take tasks dynamically, so that one descheduled thread delays it by one task only. */
-#define RQ_PAR_MIN_MACS (4 << 20)  /* GEMMs below ~20-40 us on one core */
+#define RQ_PAR_MIN_MACS (1 << 20)  /* GEMMs below ~10 us on one core */
 #define RQ_PAR_MIN_ELEMS (1 << 16) /* Hadamards below ~30 us on one core */
 
 int rq_abi_version(void) { return 5; }

