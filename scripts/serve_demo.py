@@ -85,7 +85,7 @@ class Server:
     def __exit__(self, *exc) -> None:
         if self.proc is None or self.proc.poll() is not None and not _group_alive(self.proc.pid):
             return
-        for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+        for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
             try:
                 os.killpg(self.proc.pid, sig)
                 self.proc.wait(timeout=wait)
