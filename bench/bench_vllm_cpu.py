@@ -2,9 +2,9 @@
 OpenAI server (`python -m vllm.entrypoints.openai.api_server`, tests/vllm_server.py), same run.
 
 All servers are started first (default CPU compilation: Dynamo + Inductor; each with a fresh
-compile cache), then the workloads alternate between them (bf16, W4A4, ..., bf16, W4A4, ...) for
-`--rounds` rounds, so that a machine shared with other jobs slows every model alike; the table
-shows each metric's best round and the ratio to bf16. Through /v1/completions (greedy, ignore_eos):
+compile cache), then each workload runs on one server after the other, for `--rounds` rounds, each
+round starting with the next model, so that a machine shared with other jobs slows every model
+alike; the table shows each metric's best round and the ratio to bf16, and each round's ratios. Through /v1/completions (greedy, ignore_eos):
 - prompt: 8 prompts of 512 tokens, one at a time, max_tokens 1 -> prompt tokens / s;
 - decode, 1 request: 128 generated tokens after a 32-token prompt -> tokens / s;
 - decode, 32 concurrent requests x 32 generated tokens -> all generated tokens / s;
@@ -189,7 +189,7 @@ def main() -> None:
     ap.add_argument("--rotquant", help="W4A4 rotquant checkpoint (default: tests' SmolLM2 hadamard+GPTQ W4A4)")
     ap.add_argument("--w4a8", action="store_true", help="also serve the W4A4 weights with 8-bit activations")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "vllm_cpu.json"))
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "vllm_cpu_kernels.json"))
     args = ap.parse_args()
     from real_model import smollm2_dir, smollm2_rotquant_dir
     from transformers import AutoTokenizer
@@ -225,10 +225,15 @@ def main() -> None:
             print(f"{name}: ready after {srv.startup_s:.0f} s", flush=True)
         for rnd in range(args.rounds):
             load = os.getloadavg()
+            # each round starts with another model: none always runs right after another's work
+            order = list(servers.items())
+            order = order[rnd % len(order):] + order[:rnd % len(order)]
             for workload, fn in (("prompt_tok_s", prompt_rate), ("decode1_tok_s", decode1_rate),
                                  ("decode32_tok_s", decode32_rate)):
-                for i, (name, srv) in enumerate(servers.items()):
+                for name, srv in order:
+                    i = list(servers).index(name)
                     w = round_windows(windows, rnd, i, len(models))[workload.split("_")[0]]
+                    time.sleep(2)  # let the previous server go idle
                     result["models"][name]["rounds"][rnd][workload] = fn(srv, w)
             for name in servers:
                 entry = result["models"][name]["rounds"][rnd]

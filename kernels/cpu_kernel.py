@@ -17,10 +17,12 @@ Pieces (chosen by measurement on a 2-core x86 CPU, bench/RESULTS.md):
     (kernels/cpu_native.c: AVX512-VNNI / AVX-VNNI / AVX2 `vpmaddubsw` / portable C), which reads
     the INT4 weights themselves (0.5 byte a weight);
   * more tokens, per-channel scales: the native AMX kernel (`tdpbsud` on tiles it unpacks from the
-    same INT4 weights) where the CPU has AMX; without AMX, oneDNN's s8 matmul (1 byte a weight more)
-    through torch (`torch.ops.onednn.qlinear_pointwise`) with unit scales and a float32 output,
-    i.e. float(acc), exact while |acc| < 2^24 (`_onednn_exact`, else the VNNI kernel runs), and
-    the epilogue in torch.
+    same INT4 weights) where the CPU has AMX; without AMX, oneDNN's s8 matmul through torch
+    (`torch.ops.onednn.qlinear_pointwise`, an int8 copy of the weights: 1 byte a weight more) with
+    unit scales and a float32 output, i.e. float(acc), exact while |acc| < 2^24 (`_onednn_exact`,
+    else the VNNI kernel runs), and the epilogue in torch.
+- R3 (query/key, chosen by kernels.linear_kernel.hadamard_op): `cpu_hadamard_as_input`, the
+  native transform stored in the input dtype (rounded once, as the reference op rounds it).
   Per channel the epilogue is fl(fl(float(acc) * sa) * sw) rounded once to the output dtype, the
   reference's bit for bit (acc already less za * sum_k w for asymmetric activations, exact in
   int32). With groups it is fl32(sum_g sw[n, g] * acc_g) * sa with the group sum in float64: the
@@ -43,7 +45,7 @@ from vllm_rotquant.kernels import reference as ref
 from vllm_rotquant.kernels.hadamard import hadamard_factors, hadamard_matrix
 from vllm_rotquant.kernels.linear_kernel import LinearSpec, RotQuantKernel
 
-NATIVE_MAX_M = 8  # tokens up to which the INT4 VNNI GEMM beats the int8 AMX one (weight bytes win; bench/RESULTS.md)
+NATIVE_MAX_M = 8  # tokens up to which the VNNI GEMM beats the AMX one (bench/RESULTS.md)
 _FP32_EXACT = 2 ** 24
 
 # ------------------------------------------------------------------------------ oneDNN weights
@@ -192,12 +194,6 @@ def _(x, block, clip, bits):
     lead = (*x.shape[:-1], 1)
     return (x.new_empty(x.shape, dtype=torch.int8), x.new_empty(lead, dtype=torch.float32),
             x.new_empty(lead, dtype=torch.int32))
-
-
-def hadamard(x: torch.Tensor, block: int) -> torch.Tensor:
-    """R3's block Hadamard of x [..., K] in x's dtype (the float32 transform rounded once, as the
-    reference op rounds it) with the native kernel."""
-    return torch.ops.rotquant.cpu_hadamard_as_input(x, block)
 
 
 # ------------------------------------------------------------------------------ the kernel
