@@ -54,10 +54,11 @@ def test_cuda_layer_refused_with_every_reason():
         pytest.skip(f"Triton: {kernel_class('Triton')}")
     assert names(spec("cuda")) == ("Triton", ())
     assert names(spec("cuda", k=1536, n=576, block=1536)) == ("Triton", ())
+    assert names(spec("cuda", bits=16)) == ("Triton", ())  # W4A16: de-quantized weights, cuBLAS
     cases = {
         "group_size 48 with 576 input features per rank": spec("cuda", group=48),
         "no fused Triton plan for block 1376": spec("cuda", k=1376, block=1376),
-        "act_bits 16": spec("cuda", bits=16),
+        "act_bits 3": spec("cuda", bits=3),
         "input features per rank (580) must be a multiple of 8": spec("cuda", k=580),
     }
     for reason, s in cases.items():
