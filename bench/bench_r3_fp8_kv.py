@@ -19,11 +19,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+from vllm_rotquant.testing.ckpt_factory import with_config
+from vllm_rotquant.testing.vllm_server import VllmServer
 
-from ckpt_factory import with_config  # noqa: E402
-from vllm_server import VllmServer  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def logprobs(srv: VllmServer, wins: list[list[int]]) -> list[float]:
@@ -53,7 +52,7 @@ def main() -> None:
     if args.ckpt:
         ckpt = Path(args.ckpt)
     else:
-        from real_model import smollm2_rotquant_dir
+        from vllm_rotquant.testing.real_model import smollm2_rotquant_dir
 
         ckpt = smollm2_rotquant_dir()
     tmp = Path(tempfile.mkdtemp(prefix="r3_fp8_"))

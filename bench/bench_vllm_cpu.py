@@ -1,5 +1,5 @@
 """vLLM on the CPU: bf16 SmolLM2 against its rotquant W4A4 (and W4A8) checkpoint, through the
-OpenAI server (`python -m vllm.entrypoints.openai.api_server`, tests/vllm_server.py), same run.
+OpenAI server (`python -m vllm.entrypoints.openai.api_server`, vllm_rotquant/testing/vllm_server.py), same run.
 
 All servers are started first (default CPU compilation: Dynamo + Inductor; each with a fresh
 compile cache), then each workload runs on one server after the other, for `--rounds` rounds, each
@@ -35,10 +35,9 @@ from pathlib import Path
 import psutil
 import requests
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+from vllm_rotquant.testing.vllm_server import VllmServer
 
-from vllm_server import VllmServer  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 PROMPT_LEN, PROMPTS = 512, 8
 DECODE_PROMPT, DECODE_TOKENS = 32, 128
@@ -191,7 +190,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "vllm_cpu_kernels.json"))
     args = ap.parse_args()
-    from real_model import smollm2_dir, smollm2_rotquant_dir
+    from vllm_rotquant.testing.real_model import smollm2_dir, smollm2_rotquant_dir
     from transformers import AutoTokenizer
 
     from vllm_rotquant.offline import data

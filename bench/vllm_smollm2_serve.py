@@ -18,8 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_vllm_gpu import finish, run_isolated  # noqa: E402
+from vllm_rotquant.testing.processes import finish, run_isolated
 
 QUESTION = "What is the capital of France? Answer in one sentence."
 
@@ -64,9 +63,8 @@ def run(job: dict, log: Path, timeout: float) -> dict:
 
 
 def openai_chat(ckpt: str, log: Path, timeout: float) -> dict:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     import requests
-    from vllm_server import VllmServer
+    from vllm_rotquant.testing.vllm_server import VllmServer
 
     srv = VllmServer(ckpt, "--gpu-memory-utilization", "0.3", log_path=log, max_model_len=2048)
     try:

@@ -1,16 +1,52 @@
-"""Shared test fixtures. Being here also puts tests/ on sys.path, so tests in sub-folders (tests/gpu)
-import the model factories (hf_factory, ckpt_factory) like the top-level tests do."""
+"""Fixtures shared by the test files (the helpers themselves live in `vllm_rotquant.testing`).
+
+Session-scoped models are read-only: a test that changes one works on a copy (`shutil.copytree`,
+`ckpt_factory.with_config`) or builds its own.
+"""
+from __future__ import annotations
+
 import pytest
 
-from hf_factory import CALIB_TEXT
-from vllm_server import remove_leaked_shm, shm_objects
+from vllm_rotquant.testing.ckpt_factory import build_tiny_checkpoint
+from vllm_rotquant.testing.hf_factory import CALIB_TEXT, build_hf_model
+from vllm_rotquant.testing.vllm_server import VllmServer, remove_leaked_shm, shm_objects
 
 
 @pytest.fixture(scope="session")
 def calib_file(tmp_path_factory):
+    """Calibration text the tiny tokenizer knows (a path, as the CLI and the options take it)."""
     p = tmp_path_factory.mktemp("data") / "calib.txt"
     p.write_text(CALIB_TEXT)
     return str(p)
+
+
+@pytest.fixture(scope="session")
+def hf_llama(tmp_path_factory):
+    """A tiny floating-point HF Llama (the input `rotquant quantize` expects)."""
+    return build_hf_model(tmp_path_factory.mktemp("src") / "llama", "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    """The default tiny rotquant checkpoint (`build_tiny_checkpoint` with no arguments: W4A4,
+    R4 block 128, R3 on the head dim, TP 1 and 2)."""
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt")
+
+
+@pytest.fixture(scope="module")
+def start_server():
+    """`start_server(model, *args, **kw)`: a started `VllmServer` (same arguments), stopped with
+    its whole process group after the module's last test."""
+    servers: list[VllmServer] = []
+
+    def start(model, *args, **kw) -> VllmServer:
+        srv = VllmServer(model, *args, **kw)
+        servers.append(srv)
+        return srv.start()
+
+    yield start
+    for srv in servers:
+        srv.stop()
 
 
 @pytest.fixture(scope="session", autouse=True)

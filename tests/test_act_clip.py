@@ -4,7 +4,6 @@ import json
 import pytest
 import torch
 
-from hf_factory import build_hf_model
 from vllm_rotquant.offline import act_clip, cli, data, pipeline
 from vllm_rotquant.offline.evaluate import perplexity
 from vllm_rotquant.offline.model_io import load_tokenizer
@@ -53,21 +52,16 @@ def test_score_windows_takes_enough_whole_windows():
     assert act_clip.score_windows(torch.zeros(3, 2048, dtype=torch.long), 10**6).shape == (3, 2048)
 
 
-@pytest.fixture(scope="module")
-def src(tmp_path_factory):
-    return build_hf_model(tmp_path_factory.mktemp("llama"), "llama")
-
-
 def _quantize(src, out, overwrite=False, **kw):
     opts = QuantizeOptions(**{"calib_tokens": 256, "calib_seq_len": 64, "batch_size": 2, "device": "cpu", **kw})
     return pipeline.quantize_checkpoint(src, out, opts, overwrite=overwrite)
 
 
-def test_auto_clip_is_searched_written_and_served(src, tmp_path, calib_file):
+def test_auto_clip_is_searched_written_and_served(hf_llama, tmp_path, calib_file):
     """The default searches the clip: the written ratio is the lowest-loss one of those scored, the
     record says so, and the served arithmetic at that ratio reproduces the recorded loss."""
     out = tmp_path / "auto"
-    report = _quantize(src, out, weights="gptq", calib=calib_file)
+    report = _quantize(hf_llama, out, weights="gptq", calib=calib_file)
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     rec = qc["calibration"]["act_clip"]
     nll = {float(k): v for k, v in rec["nll"].items()}
@@ -75,41 +69,41 @@ def test_auto_clip_is_searched_written_and_served(src, tmp_path, calib_file):
     assert qc["act_clip_ratio"] == rec["chosen"] == report.act_clip_ratio == min(nll, key=nll.get)
     sim = load_simulated(out, torch.bfloat16)
     assert all(m.clip == rec["chosen"] for m in sim.modules() if hasattr(m, "clip"))
-    ids = data.tokenize(load_tokenizer(src), data.load_text(calib_file))
+    ids = data.tokenize(load_tokenizer(hf_llama), data.load_text(calib_file))
     win = act_clip.score_windows(data.calibration_windows(ids, 64, 256, 0))
     assert rec["tokens"] == win.numel()
     assert perplexity(sim, win, 1, progress=False)["nll"] == pytest.approx(nll[rec["chosen"]], abs=1e-4)
 
 
-def test_fixed_clip_and_a16_are_not_searched(src, tmp_path, calib_file, monkeypatch):
+def test_fixed_clip_and_a16_are_not_searched(hf_llama, tmp_path, calib_file, monkeypatch):
     monkeypatch.setattr(act_clip, "search", lambda *a, **k: pytest.fail("searched a fixed clip"))
     for kw in ({"act_clip_ratio": 0.8}, {"act_bits": 16}):
         out = tmp_path / "fixed"
-        _quantize(src, out, weights="rtn", calib=calib_file, overwrite=True, **kw)
+        _quantize(hf_llama, out, weights="rtn", calib=calib_file, overwrite=True, **kw)
         qc = json.loads((out / "config.json").read_text())["quantization_config"]
         assert qc["act_clip_ratio"] == kw.get("act_clip_ratio", act_clip.START)
         assert "act_clip" not in qc["calibration"] and qc["calibration"]["data"] is None  # no text was read
     with pytest.raises(ValueError, match="act_clip_ratio"):
-        _quantize(src, tmp_path / "bad", act_clip_ratio=1.5)
+        _quantize(hf_llama, tmp_path / "bad", act_clip_ratio=1.5)
     assert not (tmp_path / "bad").exists()
 
 
-def test_failed_search_leaves_no_checkpoint(src, tmp_path, calib_file, monkeypatch):
+def test_failed_search_leaves_no_checkpoint(hf_llama, tmp_path, calib_file, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("out of memory")
 
     monkeypatch.setattr(act_clip, "search", boom)
     with pytest.raises(RuntimeError, match="out of memory"):
-        _quantize(src, tmp_path / "ckpt", weights="rtn", calib=calib_file)
+        _quantize(hf_llama, tmp_path / "ckpt", weights="rtn", calib=calib_file)
     assert list(tmp_path.iterdir()) == []
 
 
-def test_cli_act_clip_values_and_tune_clip(src, tmp_path, calib_file, capsys, caplog):
+def test_cli_act_clip_values_and_tune_clip(hf_llama, tmp_path, calib_file, capsys, caplog):
     out = tmp_path / "ckpt"
-    assert cli.main(["quantize", str(src), str(out), "--weights", "rtn", "--act-clip", "0.5", "--json"]) == 0
+    assert cli.main(["quantize", str(hf_llama), str(out), "--weights", "rtn", "--act-clip", "0.5", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["act_clip_ratio"] == 0.5
     with pytest.raises(SystemExit):
-        cli.main(["quantize", str(src), str(out), "--act-clip", "1.5"])
+        cli.main(["quantize", str(hf_llama), str(out), "--act-clip", "1.5"])
     assert "expected 'auto' or a number in (0, 1]" in capsys.readouterr().err
     # tune an existing checkpoint in place
     assert cli.main(["tune-clip", str(out), "--calib", calib_file, "--calib-seq-len", "64", "--json"]) == 0
@@ -117,13 +111,13 @@ def test_cli_act_clip_values_and_tune_clip(src, tmp_path, calib_file, capsys, ca
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["act_clip_ratio"] == rec["chosen"] and qc["calibration"]["act_clip"] == rec
     assert rec["chosen"] in act_clip.GRID and "0.90" in rec["nll"]
-    assert cli.main(["tune-clip", str(src), "--calib", calib_file]) == 2  # not a rotquant checkpoint
+    assert cli.main(["tune-clip", str(hf_llama), "--calib", calib_file]) == 2  # not a rotquant checkpoint
     assert "not a rotquant checkpoint" in caplog.text
 
 
 def test_set_clip_goes_through_update_config(tmp_path, monkeypatch):
     """The clip is written through the format module (validated, one rename), not by hand."""
-    from ckpt_factory import build_tiny_checkpoint
+    from vllm_rotquant.testing.ckpt_factory import build_tiny_checkpoint
     from vllm_rotquant import format as fmt
 
     ckpt = build_tiny_checkpoint(tmp_path / "ckpt")

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hf_factory import ARCHS, build_hf_model, build_hf_module
+from vllm_rotquant.testing.hf_factory import ARCHS, build_hf_model, build_hf_module
 from vllm_rotquant import format as fmt
 from vllm_rotquant.format import unpack_int4
 from vllm_rotquant.kernels.reference import dequant_weight_ref

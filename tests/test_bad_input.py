@@ -29,32 +29,20 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ckpt_factory import build_tiny_checkpoint
-from hf_factory import build_hf_model
+from vllm_rotquant.testing.ckpt_factory import build_tiny_checkpoint
 from vllm_rotquant.format import (INCOMPLETE_MARKER, CheckpointError, mark_incomplete, read_incomplete_marker,
                                   validate_checkpoint)
 from vllm_rotquant.offline import cli, data
 from vllm_rotquant.offline.model_io import atomic_folder, remove_stale_partials
-from vllm_server import SHM_DIR, remove_leaked_shm, shm_in_use, shm_objects
+from vllm_rotquant.testing.vllm_server import SHM_DIR, remove_leaked_shm, shm_in_use, shm_objects
 
 REPO = Path(__file__).resolve().parents[1]
 ST = "model.safetensors"
 
 
 @pytest.fixture(scope="module")
-def good(tmp_path_factory):
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("good") / "ckpt")
-
-
-@pytest.fixture(scope="module")
-def src(tmp_path_factory):
-    """A tiny floating-point HF Llama (the input `rotquant quantize` expects)."""
-    return build_hf_model(tmp_path_factory.mktemp("src") / "llama", "llama")
-
-
-@pytest.fixture(scope="module")
 def text_file(tmp_path_factory):
-    from ckpt_factory import TOKENIZER_TEXT
+    from vllm_rotquant.testing.ckpt_factory import TOKENIZER_TEXT
 
     p = tmp_path_factory.mktemp("text") / "eval.txt"
     p.write_text(TOKENIZER_TEXT * 20)
@@ -185,9 +173,9 @@ BAD_CHECKPOINTS = {
 
 
 @pytest.fixture(scope="module")
-def bad_checkpoints(good, tmp_path_factory):
+def bad_checkpoints(tiny_ckpt, tmp_path_factory):
     root = tmp_path_factory.mktemp("bad")
-    return {name: make(good, root / name) for name, (make, _) in BAD_CHECKPOINTS.items()}
+    return {name: make(tiny_ckpt, root / name) for name, (make, _) in BAD_CHECKPOINTS.items()}
 
 
 @pytest.mark.parametrize("case", list(BAD_CHECKPOINTS))
@@ -208,13 +196,13 @@ def test_bad_checkpoint_refused_by_eval_in_one_line(case, bad_checkpoints, text_
     assert BAD_CHECKPOINTS[case][1] in message
 
 
-def test_good_checkpoint_passes_and_validation_reads_every_floating_tensor(good, monkeypatch):
+def test_good_checkpoint_passes_and_validation_reads_every_floating_tensor(tiny_ckpt, monkeypatch):
     import vllm_rotquant.format as fmt
 
     seen = []
     real = fmt._nonfinite_in_file
     monkeypatch.setattr(fmt, "_nonfinite_in_file", lambda mm, info: seen.append(info) or real(mm, info))
-    ckpt = validate_checkpoint(good)
+    ckpt = validate_checkpoint(tiny_ckpt)
     floating = {n for n, i in ckpt.headers.items() if i.dtype.is_floating_point}
     assert {i.begin for i in seen} == {ckpt.headers[n].begin for n in floating}
     assert len(floating) == 3 + 2 * 2 + 2 * 7  # embed, norm, lm_head; 2 norms and 7 scales per layer
@@ -286,16 +274,16 @@ def _quantize_argv(model, out, *extra):
     return ["quantize", str(model), str(out), "--weights", "rtn", "--act-clip", "0.9", *extra]
 
 
-def test_quantize_refuses_a_rotquant_checkpoint(good, tmp_path, caplog):
-    message = refusal(_quantize_argv(good, tmp_path / "out"), caplog)
-    assert message == (f"{good}/config.json: a rotquant checkpoint, not a plain floating-point model (it has a "
+def test_quantize_refuses_a_rotquant_checkpoint(tiny_ckpt, tmp_path, caplog):
+    message = refusal(_quantize_argv(tiny_ckpt, tmp_path / "out"), caplog)
+    assert message == (f"{tiny_ckpt}/config.json: a rotquant checkpoint, not a plain floating-point model (it has a "
                        f"quantization_config); give rotquant the original bf16/fp16/fp32 model")
     assert not (tmp_path / "out").exists()
 
 
-def test_quantize_refuses_a_rotquant_checkpoint_without_its_quantization_config(good, tmp_path, caplog):
+def test_quantize_refuses_a_rotquant_checkpoint_without_its_quantization_config(tiny_ckpt, tmp_path, caplog):
     """The folder whose linear weights are missing (here: packed INT4 under other names)."""
-    ckpt = copy_of(good, tmp_path / "stripped")
+    ckpt = copy_of(tiny_ckpt, tmp_path / "stripped")
     cfg = json.loads((ckpt / "config.json").read_text())
     del cfg["quantization_config"]
     (ckpt / "config.json").write_text(json.dumps(cfg))
@@ -304,8 +292,8 @@ def test_quantize_refuses_a_rotquant_checkpoint_without_its_quantization_config(
             "floating-point weight") in message
 
 
-def test_quantize_refuses_another_quantized_model(src, tmp_path, caplog):
-    model = copy_of(src, tmp_path / "gptq")
+def test_quantize_refuses_another_quantized_model(hf_llama, tmp_path, caplog):
+    model = copy_of(hf_llama, tmp_path / "gptq")
     cfg = json.loads((model / "config.json").read_text())
     cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4}
     (model / "config.json").write_text(json.dumps(cfg))
@@ -322,27 +310,27 @@ def test_quantize_refuses_another_quantized_model(src, tmp_path, caplog):
     (lambda t: t.__setitem__("model.layers.0.mlp.up_proj.weight", torch.zeros(192, 64, dtype=torch.int32)),
      "tensor 'model.layers.0.mlp.up_proj.weight' (torch.int32) is not a floating-point weight"),
 ], ids=["missing_linear", "extra_weight", "misshaped_norm", "integer_weight"])
-def test_quantize_refuses_missing_extra_or_misshaped_weights(src, tmp_path, caplog, edit, message):
-    model = _rewrite_weights(copy_of(src, tmp_path / "model"), edit)
+def test_quantize_refuses_missing_extra_or_misshaped_weights(hf_llama, tmp_path, caplog, edit, message):
+    model = _rewrite_weights(copy_of(hf_llama, tmp_path / "model"), edit)
     assert message in refusal(_quantize_argv(model, tmp_path / "out"), caplog)
     assert not (tmp_path / "out").exists()
 
 
-def test_quantize_refuses_nonfinite_source_weights(src, tmp_path, caplog):
-    model = _rewrite_weights(copy_of(src, tmp_path / "model"),
+def test_quantize_refuses_nonfinite_source_weights(hf_llama, tmp_path, caplog):
+    model = _rewrite_weights(copy_of(hf_llama, tmp_path / "model"),
                              lambda t: t["model.layers.0.self_attn.k_proj.weight"].__setitem__((0, 0), float("nan")))
     assert "weight 'model.layers.0.self_attn.k_proj.weight' holds 1 NaN/Inf" in refusal(
         _quantize_argv(model, tmp_path / "out"), caplog)
 
 
 @pytest.mark.parametrize("case", ["config_not_json", "truncated", "random_bytes"])
-def test_quantize_refuses_unreadable_source(src, tmp_path, caplog, case):
-    model = BAD_CHECKPOINTS[case][0](src, tmp_path / "model")
+def test_quantize_refuses_unreadable_source(hf_llama, tmp_path, caplog, case):
+    model = BAD_CHECKPOINTS[case][0](hf_llama, tmp_path / "model")
     assert BAD_CHECKPOINTS[case][1] in refusal(_quantize_argv(model, tmp_path / "out"), caplog)
 
 
-def test_binary_calibration_text_is_named(src, binary_file, tmp_path, caplog):
-    message = refusal(["quantize", str(src), str(tmp_path / "out"), "--weights", "gptq", "--calib", str(binary_file),
+def test_binary_calibration_text_is_named(hf_llama, binary_file, tmp_path, caplog):
+    message = refusal(["quantize", str(hf_llama), str(tmp_path / "out"), "--weights", "gptq", "--calib", str(binary_file),
                        "--calib-seq-len", "64"],
                       caplog)
     assert message.startswith(f"{binary_file}: not UTF-8 text (byte 0x9e at offset 0)")
@@ -364,24 +352,24 @@ def test_binary_calibration_text_is_named(src, binary_file, tmp_path, caplog):
     (["--batch-size", "0"], {"batch_size": 0}, "batch_size (--batch-size): expected a positive batch size, got 0"),
     (["--device", "tpu"], {"device": "tpu"}, "device (--device): unknown device 'tpu'"),
 ], ids=["windows0", "seq_len0", "seq_len1", "seq_len_negative", "seq_len_over_positions", "batch0", "device_tpu"])
-def test_eval_options_are_checked_before_loading(good, text_file, caplog, monkeypatch, args, kwargs, message):
+def test_eval_options_are_checked_before_loading(tiny_ckpt, text_file, caplog, monkeypatch, args, kwargs, message):
     from vllm_rotquant.offline import evaluate
 
     monkeypatch.setattr(evaluate, "load_for_eval", lambda *a: pytest.fail("loaded the model before checking options"))
-    assert message in refusal(["eval", str(good), "--data", str(text_file), *args], caplog)
+    assert message in refusal(["eval", str(tiny_ckpt), "--data", str(text_file), *args], caplog)
     with pytest.raises(ValueError) as err:  # library users get the same check
-        evaluate.evaluate(good, str(text_file), **kwargs)
+        evaluate.evaluate(tiny_ckpt, str(text_file), **kwargs)
     assert message in str(err.value)
 
 
-def test_binary_eval_text_is_named(good, binary_file, caplog):
-    message = refusal(["eval", str(good), "--data", str(binary_file)], caplog)
+def test_binary_eval_text_is_named(tiny_ckpt, binary_file, caplog):
+    message = refusal(["eval", str(tiny_ckpt), "--data", str(binary_file)], caplog)
     assert message == (f"{binary_file}: not UTF-8 text (byte 0x9e at offset 0); --data expects a UTF-8 text file "
                        f"or a corpus name (brown, austen)")
 
 
-def test_good_checkpoint_still_evaluates(good, text_file, capsys):
-    assert cli.main(["eval", str(good), "--data", str(text_file), "--seq-len", "16", "--windows", "2", "--json"]) == 0
+def test_good_checkpoint_still_evaluates(tiny_ckpt, text_file, capsys):
+    assert cli.main(["eval", str(tiny_ckpt), "--data", str(text_file), "--seq-len", "16", "--windows", "2", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["windows"] == 2 and result["seq_len"] == 16 and math.isfinite(result["ppl"])
 
@@ -471,16 +459,16 @@ KILLED_IN_CLIP_SEARCH = textwrap.dedent("""
 """)
 
 
-def test_quantize_killed_during_the_clip_search_leaves_nothing_loadable(src, tmp_path, calib_file, text_file, caplog):
+def test_quantize_killed_during_the_clip_search_leaves_nothing_loadable(hf_llama, tmp_path, calib_file, text_file, caplog):
     """The issue's worst case: kill -9 during the clip search left a complete, loadable checkpoint."""
     out = tmp_path / "ckpt"
-    proc, tmp = _start_writer(out, KILLED_IN_CLIP_SEARCH, str(src), calib_file)
+    proc, tmp = _start_writer(out, KILLED_IN_CLIP_SEARCH, str(hf_llama), calib_file)
     proc.kill()
     proc.wait(timeout=60)
     assert (tmp / "config.json").is_file() and (tmp / ST).is_file()  # everything but the clip is written
     message = refusal(["eval", str(tmp), "--data", str(text_file), "--seq-len", "16", "--windows", "1"], caplog)
     assert message.startswith(f"{tmp}: an incomplete `rotquant quantize` output (pid {proc.pid} on ")
-    assert cli.main(_quantize_argv(src, out)) == 0  # the next run removes it
+    assert cli.main(_quantize_argv(hf_llama, out)) == 0  # the next run removes it
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
     validate_checkpoint(out)
 
@@ -538,7 +526,7 @@ SERVED = {  # the issue's server rows: one line each, before any weight is loade
 @pytest.mark.slow
 def test_openai_server_refuses_bad_checkpoints_fast_in_one_line(bad_checkpoints, tmp_path):
     pytest.importorskip("vllm")
-    from vllm_server import VllmServer
+    from vllm_rotquant.testing.vllm_server import VllmServer
 
     times = {}
     for case, expected in SERVED.items():

@@ -287,7 +287,7 @@ def test_smollm2_layers_match_the_reference():
     """Every quantized linear of layers 0, 15 and 29 of the real W4A4 SmolLM2 checkpoint, on the
     activations the simulated model gives them for a real text: the CPU kernel's output equals
     the reference's (the down_proj layers given the kernel's own R4 Hadamard)."""
-    from real_model import smollm2_rotquant_dir
+    from vllm_rotquant.testing.real_model import smollm2_rotquant_dir
     from transformers import AutoTokenizer
 
     from vllm_rotquant.offline import data

@@ -285,7 +285,7 @@ def test_weight_rows_term_flattens_the_weight_rows_too():
 
 
 def test_reader_weight_rows_are_unit_rms_rows_of_every_reader(tmp_path):
-    from hf_factory import build_hf_model
+    from vllm_rotquant.testing.hf_factory import build_hf_model
     from vllm_rotquant.offline.model_io import load_hf_model
 
     model = load_hf_model(build_hf_model(tmp_path / "m", "llama"))

@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 import torch
 
-from hf_factory import build_hf_model
+from vllm_rotquant.testing.hf_factory import build_hf_model
 from vllm_rotquant.offline import cli, pipeline
 from vllm_rotquant.offline.options import DartQuantOptions, GPTQOptions, QuantizeOptions, check_device, defaults
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hf_factory import build_hf_model
+from vllm_rotquant.testing.hf_factory import build_hf_model
 from vllm_rotquant.format import CheckpointError, RotQuantSpec, unpack_int4
 from vllm_rotquant.offline import cli, pipeline, rotate
 from vllm_rotquant.offline.arch import arch_of

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from hf_factory import build_hf_model
+from vllm_rotquant.testing.hf_factory import build_hf_model
 from vllm_rotquant.offline import pipeline, rotate, select_rotation
 from vllm_rotquant.offline.model_io import load_hf_model
 from vllm_rotquant.offline.options import DartQuantOptions, QuantizeOptions

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from real_model import smollm2_dir, smollm2_rotquant_dir
+from vllm_rotquant.testing.real_model import smollm2_dir, smollm2_rotquant_dir
 from vllm_rotquant.offline import calibrate, data, evaluate, pipeline, quantize, rotate
 from vllm_rotquant.kernels.reference import dequant_weight_ref
 from vllm_rotquant.offline.model_io import load_hf_model, load_tokenizer

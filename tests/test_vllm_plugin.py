@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("vllm")
 
-from ckpt_factory import build_tiny_checkpoint, with_config  # noqa: E402
+from vllm_rotquant.testing.ckpt_factory import build_tiny_checkpoint, with_config  # noqa: E402
 from vllm_rotquant.format import CheckpointError, RotQuantSpec  # noqa: E402
 from vllm_rotquant.kernels.hadamard import hadamard_matrix  # noqa: E402
 from vllm_rotquant.kernels.ops import rotquant_linear  # noqa: E402
@@ -35,11 +35,6 @@ def vllm_env():
         finally:
             destroy_model_parallel()
             destroy_distributed_environment()
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt")
 
 
 def _config(**spec_kw):
@@ -119,14 +114,14 @@ def test_startup_validation_names_the_tensor(tmp_path, mutate, message):
     assert message in str(err.value)
 
 
-def test_engine_config_fails_with_named_field(tmp_path, tiny):
+def test_engine_config_fails_with_named_field(tmp_path, tiny_ckpt):
     """The same errors through vLLM's own config path (what `vllm serve` runs first)."""
     from vllm.engine.arg_utils import EngineArgs
 
     cases = {
-        "version": (with_config(tiny, tmp_path / "v2", lambda c: c["quantization_config"].update(version=2)),
+        "version": (with_config(tiny_ckpt, tmp_path / "v2", lambda c: c["quantization_config"].update(version=2)),
                     "quantization_config.version: unknown rotquant format version 2"),
-        "act_bits": (with_config(tiny, tmp_path / "a3", lambda c: c["quantization_config"].update(act_bits=3)),
+        "act_bits": (with_config(tiny_ckpt, tmp_path / "a3", lambda c: c["quantization_config"].update(act_bits=3)),
                      "quantization_config.act_bits: unsupported 3"),
         "shape": (build_tiny_checkpoint(tmp_path / "shape", mutate=_reshape("model.layers.1.mlp.gate_proj.weight_packed", 8)),
                   "tensor 'model.layers.1.mlp.gate_proj.weight_packed' has shape (8, 64)"),
@@ -159,7 +154,7 @@ def _tiny_tensors(ckpt):
 @pytest.mark.parametrize("m", [1, 7])  # the CPU kernel's native GEMM (few tokens) and oneDNN's
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_linear_method_on_vllm_layers_matches_reference(vllm_env, tiny, dtype, symmetric, m):
+def test_linear_method_on_vllm_layers_matches_reference(vllm_env, tiny_ckpt, dtype, symmetric, m):
     from vllm.model_executor.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 
     from vllm_rotquant.format import unpack_int4
@@ -168,7 +163,7 @@ def test_linear_method_on_vllm_layers_matches_reference(vllm_env, tiny, dtype, s
 
     qc = _config(act_symmetric=symmetric)
     qc.packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
-    t = _tiny_tensors(tiny)
+    t = _tiny_tensors(tiny_ckpt)
     p = "model.layers.0"
     qkv = QKVParallelLinear(128, 32, 4, 2, bias=False, quant_config=qc, prefix=f"{p}.self_attn.qkv_proj", params_dtype=dtype)
     gu = MergedColumnParallelLinear(128, [256, 256], bias=False, quant_config=qc, prefix=f"{p}.mlp.gate_up_proj", params_dtype=dtype)
@@ -222,7 +217,7 @@ def _down_layer(qc, t, dtype=torch.bfloat16):
     return down
 
 
-def test_reference_kernel_on_request(vllm_env, tiny, monkeypatch):
+def test_reference_kernel_on_request(vllm_env, tiny_ckpt, monkeypatch):
     """ROTQUANT_KERNEL=reference: the layer runs the reference kernel (a warning says so) and
     computes ops.rotquant_linear exactly."""
     from vllm_rotquant.format import unpack_int4
@@ -230,7 +225,7 @@ def test_reference_kernel_on_request(vllm_env, tiny, monkeypatch):
 
     monkeypatch.setenv("ROTQUANT_KERNEL", "reference")
     linear_kernel._choose.cache_clear()
-    t = _tiny_tensors(tiny)
+    t = _tiny_tensors(tiny_ckpt)
     down = _down_layer(_config(), t)
     down.quant_method.process_weights_after_loading(down)
     linear_kernel._choose.cache_clear()
@@ -241,7 +236,7 @@ def test_reference_kernel_on_request(vllm_env, tiny, monkeypatch):
     assert torch.equal(down(h)[0], rotquant_linear(h, w, s, None, 4, 0.9, 128))
 
 
-def test_layer_no_kernel_serves_is_refused_at_load(vllm_env, tiny, monkeypatch):
+def test_layer_no_kernel_serves_is_refused_at_load(vllm_env, tiny_ckpt, monkeypatch):
     """A layer that no kernel of its device can serve stops the load with every kernel's reason
     (here: a device whose only kernel is Triton, as on CUDA)."""
     from vllm_rotquant.kernels import linear_kernel
@@ -249,19 +244,19 @@ def test_layer_no_kernel_serves_is_refused_at_load(vllm_env, tiny, monkeypatch):
 
     monkeypatch.setitem(linear_kernel.KERNEL_ORDER, "cpu", ("Triton",))
     linear_kernel._choose.cache_clear()
-    down = _down_layer(_config(), _tiny_tensors(tiny))
+    down = _down_layer(_config(), _tiny_tensors(tiny_ckpt))
     with pytest.raises(NoKernelError, match=r"no kernel can serve a layer \(256 -> 128, W4A4.*R4 block 128\) on cpu: "
                                             r"Triton: runs on CUDA only; set ROTQUANT_KERNEL=reference"):
         down.quant_method.process_weights_after_loading(down)
     linear_kernel._choose.cache_clear()
 
 
-def test_loader_names_bad_and_missing_tensors(vllm_env, tiny):
+def test_loader_names_bad_and_missing_tensors(vllm_env, tiny_ckpt):
     from vllm.model_executor.layers.linear import QKVParallelLinear
 
     qc = _config()
     qc.packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"]}
-    t = _tiny_tensors(tiny)
+    t = _tiny_tensors(tiny_ckpt)
     p = "model.layers.1.self_attn"
     qkv = QKVParallelLinear(128, 32, 4, 2, bias=False, quant_config=qc, prefix=f"{p}.qkv_proj")
     with pytest.raises(CheckpointError, match=r"tensor 'model\.layers\.1\.self_attn\.k_proj\.weight_packed' has shape \(64, 32\)"):

@@ -20,9 +20,9 @@ import pytest
 pytest.importorskip("vllm")
 openai = pytest.importorskip("openai")
 
-from ckpt_factory import TOKENIZER_TEXT, build_tiny_checkpoint, reference_logprobs  # noqa: E402
+from vllm_rotquant.testing.ckpt_factory import TOKENIZER_TEXT, build_tiny_checkpoint, reference_logprobs  # noqa: E402
 from vllm_rotquant.format import RotQuantSpec  # noqa: E402
-from vllm_server import VllmServer, perplexity  # noqa: E402
+from vllm_rotquant.testing.vllm_server import VllmServer, perplexity  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -47,18 +47,14 @@ def compile_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tp1(tiny, compile_cache, tmp_path_factory):
+def tp1(tiny, compile_cache, start_server, tmp_path_factory):
     """TP 1, float32, vLLM's default compilation on CPU (Dynamo trace once + Inductor)."""
-    srv = VllmServer(tiny, dtype="float32", log_path=tmp_path_factory.mktemp("logs") / "tp1.log",
-                     env={"VLLM_CACHE_ROOT": compile_cache, "VLLM_CPU_CI_ENV": "0"})
-    try:
-        yield srv.start()
-    finally:
-        srv.stop()
+    return start_server(tiny, dtype="float32", log_path=tmp_path_factory.mktemp("logs") / "tp1.log",
+                        env={"VLLM_CACHE_ROOT": compile_cache, "VLLM_CPU_CI_ENV": "0"})
 
 
 def client(srv: VllmServer) -> "openai.OpenAI":
-    return openai.OpenAI(base_url=f"{srv.base_url}/v1", api_key="unused", timeout=300, max_retries=0)
+    return srv.openai_client(timeout=300)
 
 
 def prompt_logprobs(srv: VllmServer, ids: list[int]) -> list[float]:

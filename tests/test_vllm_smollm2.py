@@ -32,9 +32,9 @@ import pytest
 pytest.importorskip("vllm")
 openai = pytest.importorskip("openai")
 
-from ckpt_factory import with_config  # noqa: E402
-from real_model import smollm2_dir, smollm2_rotquant_dir  # noqa: E402
-from vllm_server import VllmServer, perplexity  # noqa: E402
+from vllm_rotquant.testing.ckpt_factory import with_config  # noqa: E402
+from vllm_rotquant.testing.real_model import smollm2_dir, smollm2_rotquant_dir  # noqa: E402
+from vllm_rotquant.testing.vllm_server import VllmServer, perplexity  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -70,7 +70,7 @@ def windows(model: Path, text: Path) -> list[list[int]]:
 
 
 def client(srv: VllmServer) -> "openai.OpenAI":
-    return openai.OpenAI(base_url=f"{srv.base_url}/v1", api_key="unused", timeout=600, max_retries=0)
+    return srv.openai_client(timeout=600)
 
 
 def served_perplexity(srv: VllmServer, wins: list[list[int]]) -> float:
@@ -91,13 +91,9 @@ def rotquant_ckpt() -> Path:
 
 
 @pytest.fixture(scope="module")
-def rotquant_server(rotquant_ckpt, tmp_path_factory):
-    srv = VllmServer(rotquant_ckpt, "--quantization", "rotquant", env=CI_MODE,
-                     log_path=tmp_path_factory.mktemp("logs") / "smollm2_rotquant.log")
-    try:
-        yield srv.start()
-    finally:
-        srv.stop()
+def rotquant_server(rotquant_ckpt, start_server, tmp_path_factory):
+    return start_server(rotquant_ckpt, "--quantization", "rotquant", env=CI_MODE,
+                        log_path=tmp_path_factory.mktemp("logs") / "smollm2_rotquant.log")
 
 
 def _agreement(name: str, served: float, simulated: dict, tol: float) -> None:

@@ -41,8 +41,8 @@ offline)
     echo "offline SmolLM2 steps running in the background (log $W/offline.log)" ;;
 ckpts)
     setsid nohup python -c "
-import sys; sys.path.insert(0, 'bench'); from pathlib import Path; import bench_vllm_gpu as b
-for s in '${SHAPES:-llama2-7b llama3-8b}'.split(): b.write_random_rotquant(Path('$W/bench') / f'{s}-w4a4', s)
+from pathlib import Path; from vllm_rotquant.testing.ckpt_factory import write_random_rotquant
+for s in '${SHAPES:-llama2-7b llama3-8b}'.split(): write_random_rotquant(Path('$W/bench') / f'{s}-w4a4', s)
 print('ckpts done')" > $W/ckpts.log 2>&1 < /dev/null &
     echo "checkpoints building in the background (log $W/ckpts.log)" ;;
 engine)

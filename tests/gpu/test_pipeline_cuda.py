@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hf_factory import CALIB_TEXT, build_hf_model
+from vllm_rotquant.testing.hf_factory import CALIB_TEXT, build_hf_model
 from vllm_rotquant.format import unpack_int4
 from vllm_rotquant.offline import dartquant, pipeline, rotate
 from vllm_rotquant.offline.model_io import load_hf_model

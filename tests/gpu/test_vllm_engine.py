@@ -23,7 +23,7 @@ import torch
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.gpu
 
-from ckpt_factory import build_tiny_checkpoint  # noqa: E402
+from vllm_rotquant.testing.ckpt_factory import build_tiny_checkpoint  # noqa: E402
 from vllm_rotquant.format import RotQuantSpec  # noqa: E402
 
 TOKENS = 160

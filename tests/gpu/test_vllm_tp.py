@@ -17,7 +17,6 @@ from __future__ import annotations
 import gc
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,11 +25,8 @@ import torch
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.gpu
 
-from ckpt_factory import build_tiny_checkpoint  # noqa: E402
 from vllm_rotquant.format import RotQuantSpec  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-import bench_vllm_gpu  # noqa: E402
+from vllm_rotquant.testing.ckpt_factory import build_tiny_checkpoint, write_random_rotquant  # noqa: E402
 
 TOKENS = 256
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -53,7 +49,7 @@ def build(name: str, how: dict, root: Path) -> Path:
         spec = RotQuantSpec(**{**TINY_SPEC, **how["spec"]})
         return build_tiny_checkpoint(root / name, spec=spec, seed=3, hidden_size=256, intermediate_size=512,
                                      num_attention_heads=8, num_key_value_heads=4, head_dim=32)
-    return bench_vllm_gpu.write_random_rotquant(root / name, how["kind"], **how["spec"])
+    return write_random_rotquant(root / name, how["kind"], **how["spec"])
 
 
 def logprobs(ckpt: Path, ids: list[int], tp: int) -> list[float]:

@@ -124,6 +124,68 @@ def with_config(src: str | Path, dst: str | Path, edit: Callable[[dict[str, Any]
     return dst
 
 
+# ----------------------------------------------------------------------------- model-shaped
+# Llama shapes of the GPU benchmarks and TP tests (bench/bench_vllm_gpu.py, tests/gpu/test_vllm_tp.py)
+SHAPES = {
+    "llama2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+                      rope_theta=10000.0),
+    "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+                      rope_theta=500000.0),
+    "tiny": dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, rope_theta=10000.0),
+}
+
+
+def llama_config(shape: str) -> dict:
+    return dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu", rms_norm_eps=1e-5,
+                tie_word_embeddings=False, torch_dtype="bfloat16", bos_token_id=1, eos_token_id=2,
+                initializer_range=0.02, attention_bias=False, mlp_bias=False, **SHAPES[shape])
+
+
+def write_random_rotquant(folder: Path, shape: str, tp_sizes: tuple[int, ...] | None = None, seed: int = 0,
+                          **spec_kw) -> Path:
+    """A random rotquant checkpoint of `shape`: uniform INT4 weights with scales that keep every
+    projection's output at unit scale, N(0, 1) embeddings, unit norms, lm_head N(0, 0.02); the R4
+    block `rotquant quantize` would pick for these shapes, R3 on the head dim. Built on the GPU
+    when there is one (seconds for 7B), written as safetensors."""
+    from safetensors.torch import save_file
+
+    from vllm_rotquant.kernels.hadamard import largest_block
+
+    if (folder / "config.json").is_file():
+        return folder
+    cfg = llama_config(shape)
+    nq, nkv, inter = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["intermediate_size"]
+    if tp_sizes is None:  # as offline.pipeline.default_tp_sizes
+        tp_sizes = tuple(t for t in (1, 2, 4, 8) if nq % t == 0 and (nkv % t == 0 or t % nkv == 0) and inter % t == 0)
+    spec = RotQuantSpec(down_proj_block=largest_block(inter // max(tp_sizes)), qk_block=head_dim_of(cfg),
+                        tp_sizes=tp_sizes, calibration={"method": "random (benchmark)"}, **spec_kw)
+    cfg["quantization_config"] = spec.to_dict()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator(device=dev).manual_seed(seed)
+    hidden, vocab = cfg["hidden_size"], cfg["vocab_size"]
+    t = {"model.embed_tokens.weight": torch.randn(vocab, hidden, generator=g, device=dev).to(torch.bfloat16),
+         "model.norm.weight": torch.ones(hidden, dtype=torch.bfloat16, device=dev),
+         "lm_head.weight": (torch.randn(vocab, hidden, generator=g, device=dev) * 0.02).to(torch.bfloat16)}
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}"
+        t[f"{p}.input_layernorm.weight"] = torch.ones(hidden, dtype=torch.bfloat16, device=dev)
+        t[f"{p}.post_attention_layernorm.weight"] = torch.ones(hidden, dtype=torch.bfloat16, device=dev)
+        for name, (out_f, in_f) in linear_shapes(cfg).items():
+            groups = 1 if not spec.group_size else in_f // spec.group_size
+            t[f"{p}.{name}.weight_packed"] = torch.randint(0, 256, (out_f, in_f // 2), generator=g, device=dev,
+                                                           dtype=torch.uint8)
+            t[f"{p}.{name}.weight_scale"] = ((1.0 + 0.5 * torch.rand(out_f, groups, generator=g, device=dev))
+                                             / (4.6 * math.sqrt(in_f))).to(torch.float16)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.cpu().contiguous() for k, v in t.items()}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    return folder
+
+
 # ----------------------------------------------------------------------------- reference
 @torch.no_grad()
 def reference_logprobs(ckpt: str | Path, token_ids: list[int], dtype: torch.dtype = torch.bfloat16) -> list[float]:

@@ -202,6 +202,12 @@ class VllmServer:
         self.stop()
 
     # ------------------------------------------------------------------ requests
+    def openai_client(self, timeout: float = 600):
+        """An OpenAI client (the `openai` package) for this server, without retries."""
+        import openai
+
+        return openai.OpenAI(base_url=f"{self.base_url}/v1", api_key="unused", timeout=timeout, max_retries=0)
+
     def prompt_logprobs(self, token_ids: list[int], timeout: float = 600) -> list[float]:
         """log p(t_i | t_<i) for i >= 1 of a token-id prompt, from /v1/completions (echo + logprobs)."""
         r = requests.post(f"{self.base_url}/v1/completions", timeout=timeout, json={

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ckpt_factory import write_tokenizer
+from vllm_rotquant.testing.ckpt_factory import write_tokenizer
 
 # Calibration text for the tiny-model calibrator tests (the tiny tokenizer knows these words).
 CALIB_TEXT = " ".join(f"Sentence number {i} tells of fortune, wives, foxes and dogs." for i in range(400))
