@@ -4,19 +4,16 @@ The per-token activation quantizer uses scale = clip * max|x| / 7 (symmetric INT
 one clips max and min alike). A lower clip saturates the largest values of each token and rounds
 all the others more finely; where the optimum lies depends on how the rotated activations are
 distributed (it moves with the hidden size, the rotation and the bit width), so one fixed value
-(QuaRot's 0.9) is rarely the best. Measured on SmolLM2-135M W4A4 GPTQ (seed 1, austen 16 x 512,
-bench/RESULTS.md): Hadamard 57.34 at 0.9, 51.73 at 0.75; DartQuant 54.21 at 0.9, 50.85 at 0.8.
+(QuaRot's 0.9) is rarely the best (bench/RESULTS.md: W4A4 perplexity 4-7 % lower with the search).
 
 The search runs the written checkpoint through the served arithmetic (`simulate.load_simulated`:
 the same custom ops as vLLM's linear method, R3/R4 online), scores each candidate by the mean
 next-token loss on a few calibration windows, and walks down a grid from 0.9 while the loss falls
-(up the grid if going down finds nothing better), going on for two steps past the best so far:
-the loss is unimodal in the clip up to small bumps (SmolLM2 seed 0: 0.85 4.2466, 0.80 4.2487,
-0.75 4.2216; stopping at the first rise kept 0.85, austen 55.44 instead of 52.53). This needs
-4-7 forwards instead of the whole grid. The weights do not depend on the clip: only
-`quantization_config.act_clip_ratio` changes. Cost: 4096 tokens per candidate, 0.3 s for a 7B
-model on an H100 (plus ~5 s to load it), ~12 s for SmolLM2 on 2 CPU cores; the CPU reference
-arithmetic is float64, so a 7B model on the CPU is better quantized with a fixed `--act-clip`.
+(up the grid if going down finds nothing better). It goes on for two steps past the best so far
+because the loss is unimodal in the clip only up to small bumps, which stopping at the first rise
+would take for the minimum; that is 4-7 forwards instead of the whole grid. The weights do not
+depend on the clip: only `quantization_config.act_clip_ratio` changes. The CPU reference
+arithmetic is float64, so on the CPU a large model is better quantized with a fixed `--act-clip`.
 """
 from __future__ import annotations
 
@@ -34,7 +31,7 @@ log = logging.getLogger(__name__)
 
 GRID = tuple(round(1.0 - 0.05 * i, 2) for i in range(11))  # 1.0, 0.95, ..., 0.5
 START = 0.9
-PATIENCE = 2  # steps past the best before a direction is given up (seed 0 of SmolLM2 has a bump at 0.8)
+PATIENCE = 2  # steps past the best before a direction is given up (the loss has small bumps)
 SCORE_TOKENS = 4096  # calibration tokens per candidate (at least one window)
 
 

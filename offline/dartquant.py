@@ -39,19 +39,16 @@ bounded range, which is what a per-token INT4 quantizer wants.
    the largest max|x| / rms(x) (the massive-activation tokens: the attention sink at the start of
    every window, some delimiters; their normalized input is almost 1-sparse). Each SGD step adds
    batch/8 of them and minimises (1 - w) whip(sample) + w whip(outliers), w = `outlier_weight`.
-   Why: a random Hadamard maps a 1-sparse vector to a perfectly flat one (INT4 error ~0.003 on
-   SmolLM2), the global minimum of the whip loss for that token; but these tokens are ~1/2000 of
-   a uniform sample, so plain DartQuant trades them away (their INT4 error rose 8x, to 0.02,
-   while the mean error fell 26 %), and since every later token attends to the sink, W16A4
-   perplexity got worse (57.4 vs 47.9 for Hadamard). With the outliers mixed in (w = 0.3) the
-   same run gives 44.8 (SmolLM2-135M, austen 16 x 512, R1 learned on 8 x 2048 brown tokens).
+   Why: a random Hadamard maps a 1-sparse vector to a perfectly flat one, the global minimum of
+   the whip loss for that token; but these tokens are ~1/2000 of a uniform sample, so plain
+   DartQuant trades their flatness for the average token's, and since every later token attends
+   to the sink, the quantized model gets worse than with the Hadamard (bench/RESULTS.md).
 
 Hyper-parameters: `options.DartQuantOptions` (CLI `--dq-*`), with their defaults. Two are ours:
   weight_rows  share of R1's loss given to the q/k/v/gate/up weight rows, each scaled to RMS 1
                (off by default): W <- W R1 rotates a row exactly as a token, and RTN quantizes
-               rows as the activation quantizer does tokens. On SmolLM2 W4A4 RTN, seeds 0-4
-               (one-thread runs): mean perplexity 119.3 (0.3) vs 124.3 (0) vs 123.7 Hadamard,
-               within the seed-to-seed spread (sd ~10); see bench/RESULTS.md.
+               rows as the activation quantizer does tokens. Off by default: its gain on
+               SmolLM2 was within the seed-to-seed spread of RTN perplexity.
   starts       Hadamard starts to learn from (one shared capture); by default 4 with RTN weights,
                1 with GPTQ. The pipeline keeps the start whose RTN-quantized model has the lowest
                loss on `score_windows` calibration windows: offline/select_rotation.py says why.
@@ -64,8 +61,7 @@ is scale-invariant (Q(cZ) = Q(Z)) and the gradient is orthogonal to Z, so |Z| gr
 effective step shrinks by itself; results were insensitive to lr in 1e-3..1e-2 on SmolLM2.
 Everything is seeded; on the CPU the result is bitwise reproducible for a given number of torch
 threads. Another thread count changes float reductions, and 10 epochs of SGD carry that to a
-0.6 % relative change of R1 on SmolLM2 (1 % of the RTN INT4 values differ); with RTN weights that
-alone moved W4A4 perplexity by 5 % (bench/RESULTS.md).
+visible change of R1 (with RTN weights, enough to move perplexity by a few per cent).
 """
 from __future__ import annotations
 
