@@ -6,6 +6,8 @@ norms and lm_head, `quantization_config` from `RotQuantSpec.to_dict()`), with a 
 BPE tokenizer trained on an embedded text. `mutate` lets a test corrupt tensors or the config to
 produce bad checkpoints. `reference_logprobs` runs the checkpoint through the offline simulation
 (`vllm_rotquant.offline.simulate`, the arithmetic `rotquant eval` uses), to check vLLM against it.
+`write_random_rotquant` writes random checkpoints of real Llama shapes (`SHAPES`: 7B, 8B) without
+a tokenizer, for the GPU benchmarks and tensor-parallel tests.
 
 Everything is seeded: the same arguments give the same bytes.
 """
