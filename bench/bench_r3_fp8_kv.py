@@ -69,7 +69,8 @@ def main() -> None:
     for name, model, kv in (("auto_r3", r3_on, "auto"), ("auto_nor3", r3_off, "auto"),
                             ("fp8_r3", r3_on, "fp8"), ("fp8_nor3", r3_off, "fp8")):
         t0 = time.time()
-        with VllmServer(model, "--kv-cache-dtype", kv, "--enforce-eager", log_path=tmp / f"{name}.log") as srv:
+        with VllmServer(model, "--kv-cache-dtype", kv, "--enforce-eager", log_path=tmp / f"{name}.log",
+                        env={"ROTQUANT_R3": "on"}) as srv:  # R3 also with the bf16 cache (the baseline)
             runs[name] = logprobs(srv, wins)
         print(f"{name}: ppl {math.exp(-sum(runs[name]) / len(runs[name])):.3f} ({time.time() - t0:.0f} s)", flush=True)
 

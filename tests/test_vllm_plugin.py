@@ -336,3 +336,40 @@ def test_r3_pre_hook_traces_under_torch_compile_fullgraph():
     assert torch.equal(eager, compiled)
     unhooked = Outer()(x)
     assert not torch.equal(eager, unhooked)  # the hook ran in both
+
+
+@pytest.mark.parametrize("kv, env, installed", [
+    ("auto", None, False), ("bfloat16", None, False), ("float16", "auto", False),
+    ("fp8", None, True), ("fp8_e4m3", None, True), ("fp8_e5m2", "auto", True),
+    ("auto", "on", True), ("bfloat16", "ON", True)])
+def test_r3_runs_only_for_a_quantized_kv_cache(monkeypatch, kv, env, installed):
+    """R3 is the identity for attention with an unquantized KV cache: installed only where the
+    cache is quantized, or when ROTQUANT_R3=on asks for it."""
+    from vllm_rotquant.r3 import RotQuantR3Method
+
+    if env is None:
+        monkeypatch.delenv("ROTQUANT_R3", raising=False)
+    else:
+        monkeypatch.setenv("ROTQUANT_R3", env)
+    layer = _AttnStub()
+    layer.head_size, layer.kv_cache_dtype, layer.layer_name = 64, kv, "model.layers.0.self_attn.attn"
+    RotQuantR3Method(_config()).create_weights(layer)
+    assert hasattr(layer, "_rotquant_r3_hook") == installed
+    q, k, v = (torch.randn(3, 128) for _ in range(3))
+    out = layer(q, k, v)
+    assert torch.equal(out[0], q) != installed  # the hook rotates the query iff it is installed
+
+
+def test_r3_bad_mode_and_bad_head_size_are_refused(monkeypatch):
+    from vllm_rotquant.format import CheckpointError
+    from vllm_rotquant.r3 import RotQuantR3Method
+
+    layer = _AttnStub()
+    layer.head_size, layer.kv_cache_dtype, layer.layer_name = 64, "auto", "model.layers.0.self_attn.attn"
+    monkeypatch.setenv("ROTQUANT_R3", "sometimes")
+    with pytest.raises(ValueError, match="ROTQUANT_R3='sometimes'"):
+        RotQuantR3Method(_config()).create_weights(layer)
+    monkeypatch.delenv("ROTQUANT_R3")
+    layer.head_size = 48  # the checkpoint's qk block 32 does not divide it: refused even when R3 is skipped
+    with pytest.raises(CheckpointError, match="does not divide the head size 48"):
+        RotQuantR3Method(_config()).create_weights(layer)

@@ -26,6 +26,9 @@ from vllm_rotquant.format import RotQuantSpec  # noqa: E402
 from vllm_rotquant.testing.vllm_server import VllmServer, perplexity  # noqa: E402
 
 pytestmark = pytest.mark.slow
+# R3 runs by default only with a quantized KV cache; these servers run it anyway, to check the hook
+# inside vLLM's compiled graph against the simulation (which applies it)
+R3_ON = {"ROTQUANT_R3": "on"}
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +54,7 @@ def compile_cache(tmp_path_factory):
 def tp1(tiny, compile_cache, start_server, tmp_path_factory):
     """TP 1, float32, vLLM's default compilation on CPU (Dynamo trace once + Inductor)."""
     return start_server(tiny, dtype="float32", log_path=tmp_path_factory.mktemp("logs") / "tp1.log",
-                        env={"VLLM_CACHE_ROOT": compile_cache, "VLLM_CPU_CI_ENV": "0"})
+                        env={"VLLM_CACHE_ROOT": compile_cache, "VLLM_CPU_CI_ENV": "0", **R3_ON})
 
 
 def client(srv: VllmServer) -> "openai.OpenAI":
@@ -70,7 +73,7 @@ def prompt_logprobs(srv: VllmServer, ids: list[int]) -> list[float]:
 def tp2_logprobs(ckpt, ids: list[int], log_path) -> tuple[list[float], str]:
     """Prompt logprobs from a TP 2, float32 server on `ckpt` (one core per rank), and its log."""
     srv = VllmServer(ckpt, "--tensor-parallel-size", "2", dtype="float32", log_path=log_path,
-                     env={"VLLM_CPU_OMP_THREADS_BIND": "0|1", "VLLM_CPU_CI_ENV": "0"})
+                     env={"VLLM_CPU_OMP_THREADS_BIND": "0|1", "VLLM_CPU_CI_ENV": "0", **R3_ON})
     with srv:
         lps = prompt_logprobs(srv, ids)
     return lps, srv.log_text()

@@ -104,7 +104,9 @@ def _agreement(name: str, served: float, simulated: dict, tol: float) -> None:
 
 def test_rotquant_server_answers_chat_and_completion(rotquant_server):
     c = client(rotquant_server)
-    assert "quantization=rotquant" in rotquant_server.log_text()
+    log = rotquant_server.log_text()
+    assert "quantization=rotquant" in log
+    assert "R3 skipped: the KV cache (auto) is not quantized" in log  # the default: no R3 with a bf16 cache
     chat = c.chat.completions.create(model=rotquant_server.model, max_tokens=32, temperature=0.0,
                                      messages=[{"role": "user", "content": "What is the capital of France?"}])
     assert chat.choices[0].message.content.strip()

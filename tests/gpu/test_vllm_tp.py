@@ -28,6 +28,7 @@ pytestmark = pytest.mark.gpu
 # this process builds checkpoints with multi-threaded torch before it starts an engine, and a
 # forked engine core would deadlock on the OpenMP pool (tests/test_fork_safety.py): spawn it
 os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+os.environ.setdefault("ROTQUANT_R3", "on")  # R3 in the served graph even with the bf16 KV cache
 
 from vllm_rotquant.format import RotQuantSpec  # noqa: E402
 from vllm_rotquant.testing.ckpt_factory import build_tiny_checkpoint, write_random_rotquant  # noqa: E402
