@@ -14,7 +14,7 @@ alike; the table shows each metric's best round and the ratio to bf16, and each 
 Every request of a round uses prompts no server has seen (distinct austen windows: no
 prefix-cache hits).
 
-    python bench/bench_vllm_cpu.py [--rounds 3] [--w4a8] [--bf16 DIR] [--rotquant DIR] [--out FILE]
+    python bench/bench_vllm_cpu.py [--rounds 3] [--w4a8] [--r3-twin] [--bf16 DIR] [--rotquant DIR] [--out FILE]
 
 --w4a8 serves the W4A4 checkpoint's weights with 8-bit activations (a copy of its config.json
 with act_bits 8 next to links to its tensors), as bench/RESULTS.md's W4A8 rows do.
@@ -187,6 +187,8 @@ def main() -> None:
     ap.add_argument("--bf16", help="bf16 HF folder (default: tests' SmolLM2)")
     ap.add_argument("--rotquant", help="W4A4 rotquant checkpoint (default: tests' SmolLM2 hadamard+GPTQ W4A4)")
     ap.add_argument("--w4a8", action="store_true", help="also serve the W4A4 weights with 8-bit activations")
+    ap.add_argument("--r3-twin", action="store_true",
+                    help="also serve the W4A4 checkpoint with ROTQUANT_R3=on (R3 even with the bf16 KV cache: its cost)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "vllm_cpu_kernels.json"))
     args = ap.parse_args()
@@ -200,6 +202,10 @@ def main() -> None:
               "rotquant W4A4": Path(args.rotquant) if args.rotquant else smollm2_rotquant_dir()}
     if args.w4a8:
         models["rotquant W4A8"] = w4a8_copy(models["rotquant W4A4"], tmp)
+    extra_env = {}
+    if args.r3_twin:
+        models["rotquant W4A4 R3-on"] = models["rotquant W4A4"]
+        extra_env["rotquant W4A4 R3-on"] = {"ROTQUANT_R3": "on"}
     ids = data.tokenize(AutoTokenizer.from_pretrained(models["bf16"]), data.load_text("austen"))
     per_round = len(models) * (PROMPTS + 1 + CONCURRENT)
     # short windows from the whole text: enough distinct prompts for every round and model
@@ -213,9 +219,10 @@ def main() -> None:
     servers, watchers = {}, {}
     try:
         for name, model in models.items():
-            tag = name.split()[-1]
+            tag = "_".join(name.split()[1:]) or name
             rss = TreeRss()
-            srv = VllmServer(model, env={"VLLM_CACHE_ROOT": str(tmp / f"cache_{tag}"), "VLLM_CPU_CI_ENV": "0"},
+            srv = VllmServer(model, env={"VLLM_CACHE_ROOT": str(tmp / f"cache_{tag}"), "VLLM_CPU_CI_ENV": "0",
+                                         **extra_env.get(name, {})},
                              log_path=tmp / f"{tag}.log")
             threading.Thread(target=_watch_when_started, args=(srv, rss), daemon=True).start()
             servers[name], watchers[name] = srv.start(), rss
