@@ -155,14 +155,23 @@ def _cpu_hadamard_as_input(x, block):
     return cpu_native.hadamard(x2, block, core, norm, x.dtype).reshape(x.shape)
 
 
+_NO_CORE = torch.ones(1, 1)
+
+
+def _quant_rows(x, block):
+    """_rows for the quantizing ops, where block 0 means no Hadamard (the per-token quantization
+    alone, in the same native pass)."""
+    return (x.reshape(-1, x.shape[-1]), (_NO_CORE, 1.0)) if block == 0 else _rows(x, block)
+
+
 def _cpu_hadamard_quant(x, block, clip, bits):
-    x2, (core, norm) = _rows(x, block)
+    x2, (core, norm) = _quant_rows(x, block)
     q, s, _ = cpu_native.hadamard_quant(x2, block, core, norm, clip, bits, True)
     return q.reshape(x.shape), s.reshape(*x.shape[:-1], 1)
 
 
 def _cpu_hadamard_quant_asym(x, block, clip, bits):
-    x2, (core, norm) = _rows(x, block)
+    x2, (core, norm) = _quant_rows(x, block)
     q, s, z = cpu_native.hadamard_quant(x2, block, core, norm, clip, bits, False)
     lead = (*x.shape[:-1], 1)
     return q.reshape(x.shape), s.reshape(lead), z.reshape(lead)
@@ -245,11 +254,12 @@ class CpuInt8Kernel(RotQuantKernel):
 
     def quantize_input(self, x2, all_gather=None):
         s = self.spec
-        if s.hadamard_block and all_gather is None:  # one native pass: Hadamard + quantization
+        if all_gather is None:  # one native pass: [Hadamard +] quantization (block 0: none)
+            block = s.hadamard_block or 0
             if s.act_symmetric:
-                q, scale = torch.ops.rotquant.cpu_hadamard_quant(x2, s.hadamard_block, s.clip, s.act_bits)
+                q, scale = torch.ops.rotquant.cpu_hadamard_quant(x2, block, s.clip, s.act_bits)
                 return q, scale, None
-            return torch.ops.rotquant.cpu_hadamard_quant_asym(x2, s.hadamard_block, s.clip, s.act_bits)
+            return torch.ops.rotquant.cpu_hadamard_quant_asym(x2, block, s.clip, s.act_bits)
         return super().quantize_input(x2, all_gather)
 
     def gemm(self, q, scale, zero, weights, out_dtype):

@@ -52,7 +52,7 @@ enum { RQ_F32 = 0, RQ_BF16 = 1, RQ_F16 = 2 };
 #define RQ_PAR_MIN_MACS (1 << 20)  /* GEMMs below ~10 us on one core */
 #define RQ_PAR_MIN_ELEMS (1 << 16) /* Hadamards below ~30 us on one core */
 
-int rq_abi_version(void) { return 5; }
+int rq_abi_version(void) { return 6; }
 
 int rq_isa(void) {
     /* the GEMM this build was compiled for: 3 AVX512-VNNI, 2 AVX-VNNI, 1 AVX2, 0 portable C */
@@ -641,19 +641,22 @@ void rq_hadamard(const void* x, int x_dtype, int64_t ldx, void* y, int out_dtype
  * asymmetric (zero != NULL): hi = fl(max(max y, 0) * clip), lo = fl(min(min y, 0) * clip),
  * scale = fl(fl(hi - lo) / L) (1 if not > 0), u = clamp(rne(-lo / scale), 0, L),
  * q = clamp(rne(y / scale) + u, 0, L) - 2^(bits-1), zero = u - 2^(bits-1).
+ * block <= 0: no Hadamard, y = x in float32 (the layers without R4).
  * q: int8 [M, K], scale: float32 [M], zero: int32 [M] or NULL. */
 void rq_hadamard_quant(const void* x, int x_dtype, int64_t ldx, int8_t* q, float* scale, int32_t* zero, int64_t M,
                        int64_t K, int64_t block, int64_t A, const float* core, float norm, float clip, int bits,
                        int threads) {
-    const int64_t nblk = K / block;
+    const int64_t nblk = block > 0 ? K / block : 0;
     const int par = threads > 1 && M > 1 && M * K >= RQ_PAR_MIN_ELEMS;
     const float qmax = (float)((1 << (bits - 1)) - 1), levels = (float)((1 << bits) - 1), half = (float)(1 << (bits - 1));
 #pragma omp parallel num_threads(threads) if (par)
     {
-        float* z = (float*)malloc(sizeof(float) * (size_t)block);
+        float* z = (float*)malloc(sizeof(float) * (size_t)(block > 0 ? block : 1));
         float* y = (float*)malloc(sizeof(float) * (size_t)K);
 #pragma omp for schedule(dynamic, 4)
         for (int64_t m = 0; m < M; ++m) {
+            if (block <= 0) /* no Hadamard: the per-token quantization alone (q/k/v, o, gate/up) */
+                load_f32(x, x_dtype, m * ldx, y, K);
             for (int64_t blk = 0; blk < nblk; ++blk)
                 hadamard_block(x, x_dtype, m * ldx + blk * block, y + blk * block, z, block, A, core, norm);
             float vmax = -INFINITY, vmin = INFINITY;

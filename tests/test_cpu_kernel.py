@@ -328,3 +328,21 @@ def test_smollm2_layers_match_the_reference():
                 assert close.float().mean() > 0.99, name
             else:
                 assert torch.equal(out, want[rows]), name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("k", [1, 2, 17, 34, 576, 1000])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_native_quant_without_hadamard_is_the_reference(k, bits, dtype):
+    """Block 0: the per-token quantization alone (the layers without R4), bit for bit the
+    reference's, including an all-zero row and rows of very different ranges."""
+    gen = torch.Generator().manual_seed(k + bits)
+    x = torch.randn(37, k, generator=gen) * torch.logspace(-3, 3, 37)[:, None]
+    x[5] = 0
+    x = x.to(dtype)
+    q, s = torch.ops.rotquant.cpu_hadamard_quant(x, 0, 0.9, bits)
+    q_ref, s_ref = ref.quant_act_ref(x, 0.9, bits)
+    assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
+    q, s, z = torch.ops.rotquant.cpu_hadamard_quant_asym(x + 0.5, 0, 0.9, bits)
+    q_ref, s_ref, z_ref = ref.quant_act_asym_ref(x + 0.5, 0.9, bits)
+    assert torch.equal(q, q_ref) and torch.equal(s, s_ref) and torch.equal(z, z_ref)
