@@ -10,6 +10,8 @@ import typing
 
 import torch
 
+from vllm_rotquant.offline.data import CORPORA
+
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -178,7 +180,7 @@ def _add_quantize_parser(sub) -> None:
                    help="per-token asymmetric activations (scale and zero point; DartQuant's scripts) "
                         "(default: symmetric)")
     q.add_argument("--calib", default=Q["calib"],
-                   help="calibration text file or corpus name (brown, austen) (default: %(default)s)")
+                   help=f"calibration text file or corpus name ({', '.join(CORPORA)}) (default: %(default)s)")
     q.add_argument("--calib-tokens", type=int, default=Q["calib_tokens"], help="(default: %(default)s)")
     q.add_argument("--calib-seq-len", type=int, default=Q["calib_seq_len"],
                    help="tokens per calibration window (default: %(default)s)")
@@ -217,8 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--overwrite", action="store_true")
     f.set_defaults(func=cmd_fetch_model)
 
-    d = sub.add_parser("fetch-data", help="download a named corpus (brown, austen) into a folder")
-    d.add_argument("name", choices=["brown", "austen"])
+    d = sub.add_parser("fetch-data", help=f"download a named corpus ({', '.join(CORPORA)}) into a folder "
+                                          f"(brown and brown-heldout come together)")
+    d.add_argument("name", choices=CORPORA)
     d.add_argument("out", nargs="?", default=None, help="folder (default: the cache)")
     d.set_defaults(func=cmd_fetch_data)
 
@@ -227,8 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("tune-clip", help="search a checkpoint's activation clip ratio on calibration text and "
                                          "write it into its config.json (what quantize --act-clip auto does)")
     t.add_argument("checkpoint")
-    t.add_argument("--calib", default=Q["calib"], help="calibration text file or corpus name (brown, austen) "
-                                                       "(default: %(default)s)")
+    t.add_argument("--calib", default=Q["calib"], help=f"calibration text file or corpus name ({', '.join(CORPORA)}) "
+                                                       f"(default: %(default)s)")
     t.add_argument("--calib-seq-len", type=_int_at_least(2), default=Q["calib_seq_len"],
                    help="tokens per calibration window (default: %(default)s)")
     t.add_argument("--seed", type=int, default=Q["seed"], help="seed of the window sampling (default: %(default)s)")
@@ -239,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="perplexity of a HF model or (simulated) rotquant checkpoint")
     e.add_argument("model")
-    e.add_argument("--data", default="austen", help="text file or corpus name (austen, brown) (default: %(default)s)")
+    e.add_argument("--data", default="austen", help=f"text file or corpus name ({', '.join(CORPORA)}; brown-heldout: Brown genres no "
+                        f"calibration sees) (default: %(default)s)")
     e.add_argument("--seq-len", type=int, default=512, help="tokens per window (default: %(default)s)")
     e.add_argument("--windows", type=int, default=16,
                    help="windows from the middle third of the text (default: %(default)s)")

@@ -377,7 +377,7 @@ def test_eval_options_are_checked_before_loading(good, text_file, caplog, monkey
 def test_binary_eval_text_is_named(good, binary_file, caplog):
     message = refusal(["eval", str(good), "--data", str(binary_file)], caplog)
     assert message == (f"{binary_file}: not UTF-8 text (byte 0x9e at offset 0); --data expects a UTF-8 text file "
-                       f"or a corpus name (brown, austen)")
+                       f"or a corpus name (brown, brown-heldout, austen)")
 
 
 def test_good_checkpoint_still_evaluates(good, text_file, capsys):
