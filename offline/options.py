@@ -175,13 +175,17 @@ class GPTQOptions(_FromDict):
     damp: float = _opt(0.01, "dampening added to the Hessian's diagonal, as a share of its mean")
     block: int = _opt(128, "columns per lazy block update")
     act_order: bool = _opt(True, "quantize columns in decreasing Hessian-diagonal order")
+    served_inputs: bool = _opt(False, "fit the weights to their inputs quantized as served (Hessian of the per-token "
+                                      "quantized inputs, least-squares refit to the fp outputs before rounding; "
+                                      "with --act-clip auto the clip is first searched on the unquantized weights)")
 
     def __post_init__(self):
         if not _is_number(self.damp) or not 0 <= self.damp < 1:
             raise ValueError(f"{self.flag('damp')} {self.damp!r}: expected a number in [0, 1)")
         _need_int(self.flag("block"), self.block, 1)
-        if not isinstance(self.act_order, bool):
-            raise ValueError(f"{self.flag('act_order')} {self.act_order!r}: expected true or false")
+        for name in ("act_order", "served_inputs"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{self.flag(name)} {getattr(self, name)!r}: expected true or false")
 
 
 # the command-line option of each QuantizeOptions field, where it is not --field-name
