@@ -26,15 +26,16 @@ import torch
 import torch.nn.functional as F
 
 from vllm_rotquant.kernels import ops, triton_gemm, triton_quant
+from vllm_rotquant.kernels import triton_ops as tops
 from vllm_rotquant.kernels.layout import prepare_weight
 
 # layer -> (K, N, online Hadamard block on the input or None). down_proj gets the R4 block: 2048
 # (Llama-3-8B) and 1536 = 12*128 (SmolLM2) are largest_block(K); for Llama-2-7B's 11008 that is
-# 1376 = 344*4 (a Paley core too large for the fused kernel: fp32-matmul fallback), so the table
-# shows both 1376 and the 256 block a checkpoint can choose instead.
+# 1376 = 344*4 (a Paley core too large for the fused kernel: such a layer is refused at load), so
+# the table shows the 256 block a checkpoint can choose instead.
 MODELS = {
     "Llama-2-7B": {"qkv": (4096, 12288, None), "o": (4096, 4096, None), "gate_up": (4096, 22016, None),
-                   "down": (11008, 4096, 256), "down ": (11008, 4096, 1376)},
+                   "down": (11008, 4096, 256)},
     "Llama-3-8B": {"qkv": (4096, 6144, None), "o": (4096, 4096, None), "gate_up": (4096, 28672, None),
                    "down": (14336, 4096, 2048)},
     "SmolLM2-135M": {"qkv": (576, 960, None), "gate_up": (576, 3072, None), "down": (1536, 576, 1536)},
@@ -133,19 +134,19 @@ def bench_linear(k: int, n: int, m: int, block: int | None, gen: torch.Generator
             w = torch.randint(-8, 8, (n, k), device=dev, dtype=torch.int8, generator=gen)
             sw = (torch.rand(n, 1, device=dev, generator=gen) * 0.01 + 1e-3).to(torch.bfloat16)
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16, generator=gen)
-            qa, sa = ops.quant_act(x, 0.9, 4)
+            qa, sa = tops.quant_act(x, 0.9, 4)
             ws_q[i] = (prepare_weight(w), sw, x, qa, sa)
         return ws_q[i]
 
     def mk_full(i):
         w, sw, x, _, _ = q_set(i)
-        return lambda: ops.rotquant_linear(x, w, sw, None, 4, 0.9, block)
+        return lambda: tops.rotquant_linear(x, w, sw, None, 4, 0.9, block)
 
     def mk_gemm(i):
         w, sw, _, qa, sa = q_set(i)
         if sweep_cfg is not None:
             return lambda: triton_gemm.w4a4_gemm(qa, sa, w, sw, torch.bfloat16, config=sweep_cfg)
-        return lambda: ops.w4a4_gemm(qa, sa, w, sw, torch.bfloat16)
+        return lambda: tops.w4a4_gemm(qa, sa, w, sw, torch.bfloat16)
 
     qbytes = n * k // 2 + 2 * m * k + m * k + 2 * m * n
     if sweep_cfg is None:
@@ -213,7 +214,7 @@ def run_asym_table(out_rows, ms, group: int | None = None):
                 def mk(sym):
                     def make(i):
                         wk, sw, x, wsum = data(i)
-                        return lambda: ops.rotquant_linear(x, wk, sw, None, 4, 0.9, block, sym, None if sym else wsum)
+                        return lambda: tops.rotquant_linear(x, wk, sw, None, 4, 0.9, block, sym, None if sym else wsum)
                     return make
 
                 qbytes = n * k // 2 + 2 * m * k + m * k + 2 * m * n
@@ -228,7 +229,7 @@ def run_asym_table(out_rows, ms, group: int | None = None):
 def run_quant_table(out_rows, copy_gbs):
     gen = torch.Generator(device="cuda").manual_seed(1)
     cases = [("quant_act", 4096, None), ("quant_act", 14336, None),
-             ("hadamard_quant", 11008, 256), ("hadamard_quant", 11008, 1376),
+             ("hadamard_quant", 11008, 256),
              ("hadamard_quant", 14336, 2048), ("hadamard_quant", 1536, 1536),
              ("hadamard_quant", 4096, 128), ("hadamard (R3, bf16 out)", 4096, 128)]
     print()
@@ -243,10 +244,10 @@ def run_quant_table(out_rows, copy_gbs):
                     sets[i] = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen)
                 x = sets[i]
                 if name == "quant_act":
-                    return lambda: ops.quant_act(x, 0.9, 4)
+                    return lambda: tops.quant_act(x, 0.9, 4)
                 if name.startswith("hadamard_quant"):
-                    return lambda: ops.hadamard_quant(x, block, 0.9, 4)
-                return lambda: ops.hadamard(x, block)
+                    return lambda: tops.hadamard_quant(x, block, 0.9, 4)
+                return lambda: tops.hadamard(x, block)
             out_bytes = m * k * (2 if name.startswith("hadamard (") else 1) + (0 if name.startswith("hadamard (") else 4 * m)
             nbytes = 2 * m * k + out_bytes
             t = timed_graph(mk, nbytes)
@@ -298,7 +299,7 @@ def run_hq_sweep(out_rows, copy_gbs):
             (11008, 256, [v("fast", 1, 1, 8), v("core", 16), v("core", 32), v("fast", 16), v("core", 64)]),
             (14336, 2048, [v("fast", 16, 1, 8), v("core", 64), v("core", 128), v("core", 256), v("fast", 16, 1, 8, 1)]),
             (1536, 1536, [v("fast", 12, 4, 4), v("core", 48), v("core", 96), v("core", 192), v("fast", 12, 2, 4, 4)]),
-            (4736, 1184, [v(None, None)]), (11008, 1376, [v(None, None)])]
+            (4736, 1184, [v(None, None)])]
     m = 8192
     for k, block, variants in grid:
         best = None

@@ -211,7 +211,7 @@ def run_worker(args) -> None:
                 runs.append((kernel_times(new_trace(Path(job["profile_dir"]), seen)), wall))
             res["profile"][f"b{b}"] = decode_breakdown(runs[0][0], runs[1][0], PROFILE_STEPS, b, runs[1][1] - runs[0][1])
     print("RESULT " + json.dumps(res), flush=True)
-    os._exit(0)
+    finish(llm)
 
 
 PROFILE_BATCHES, PROFILE_PROMPT, PROFILE_STEPS = (1, 64), 128, 32
@@ -266,6 +266,37 @@ def decode_breakdown(prefill: dict, both: dict, steps: int, batch: int, wall_s: 
             "top_kernels_us": [(k[:90], round(v, 2)) for k, v in top]}  # an engine that once hung at interpreter exit held its call until the time limit
 
 
+def finish(llm) -> None:
+    """Shut the engine core down, then leave at once: an engine that once hung at interpreter exit
+    held its device call until the time limit (the parent also kills the worker's process group)."""
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    except Exception:  # noqa: BLE001 - best effort: the process group is killed anyway
+        pass
+    sys.stdout.flush()
+    os._exit(0)
+
+
+def run_isolated(cmd: list[str], log_path: Path, timeout: float, env: dict | None = None) -> int | str:
+    """Run `cmd` in its own session with stdout+stderr to `log_path`; kill its whole process group
+    afterwards (vLLM's engine-core and worker processes must not outlive it and keep GPU memory).
+    Returns the exit code, or "timeout"."""
+    import signal
+
+    with open(log_path, "w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return "timeout"
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+
+
 def run_one(variant: str, shape: str, args, work: Path) -> dict:
     """One variant in a fresh process (GPU memory given back), with a timeout; parse its log."""
     model, kw = prepare(variant, shape, work, args.tp)
@@ -278,13 +309,7 @@ def run_one(variant: str, shape: str, args, work: Path) -> dict:
     env = dict(os.environ, VLLM_USE_FLASHINFER_SAMPLER=os.environ.get("VLLM_USE_FLASHINFER_SAMPLER", "0"),
                VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1")
     t0 = time.perf_counter()
-    with open(log_path, "w") as fh:
-        try:
-            proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], stdout=fh,
-                                  stderr=subprocess.STDOUT, env=env, timeout=args.timeout)
-            code = proc.returncode
-        except subprocess.TimeoutExpired:
-            code = "timeout"
+    code = run_isolated([sys.executable, __file__, "--worker", json.dumps(job)], log_path, args.timeout, env)
     text = log_path.read_text(errors="replace")
     out: dict = {"variant": variant, "shape": shape, "tp": args.tp, "wall_s": round(time.perf_counter() - t0, 1)}
     m = re.search(r"^RESULT (\{.*\})$", text, re.M)

@@ -14,10 +14,12 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_vllm_gpu import finish, run_isolated  # noqa: E402
 
 QUESTION = "What is the capital of France? Answer in one sentence."
 
@@ -48,16 +50,12 @@ def worker(job: dict) -> None:
     quant = llm.llm_engine.vllm_config.quant_config
     print("RESULT " + json.dumps({"ppl": math.exp(nll / count), "tokens": count, "startup_s": round(startup, 1),
                                   "quantization": quant.get_name() if quant else None, "chat": chat}), flush=True)
-    os._exit(0)
+    finish(llm)
 
 
 def run(job: dict, log: Path, timeout: float) -> dict:
-    with open(log, "w") as fh:
-        try:
-            subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], stdout=fh, stderr=subprocess.STDOUT,
-                           timeout=timeout, env=dict(os.environ, VLLM_USE_FLASHINFER_SAMPLER="0"))
-        except subprocess.TimeoutExpired:
-            pass
+    run_isolated([sys.executable, __file__, "--worker", json.dumps(job)], log, timeout,
+                 dict(os.environ, VLLM_USE_FLASHINFER_SAMPLER="0"))
     text = log.read_text(errors="replace")
     for line in text.splitlines():
         if line.startswith("RESULT "):

@@ -1,10 +1,3 @@
-"""Kernels of rotquant: torch custom ops with exact references (CPU) and Triton (CUDA)."""
-from vllm_rotquant.kernels import ops  # noqa: F401  (registers torch.ops.rotquant.*)
-
-try:  # CUDA implementations; absent on CPU-only installs
-    import torch
-
-    if torch.cuda.is_available():
-        from vllm_rotquant.kernels import triton_ops  # noqa: F401
-except ImportError:  # Triton missing or no triton_ops module yet: the reference serves
-    pass
+"""Kernels of rotquant: the reference ops (ops.py, `torch.ops.rotquant.*`), the fast kernels
+(cpu_kernel.py, triton_kernel.py) and the choice between them at load (linear_kernel.py)."""
+from vllm_rotquant.kernels import ops  # noqa: F401  (registers the reference ops)

@@ -1,10 +1,11 @@
-"""rotquant custom ops (`torch.ops.rotquant.*`): one definition, a torch reference for every
-device, a fake (meta) implementation for torch.compile, and CUDA overrides registered by
-`vllm_rotquant.kernels.triton_ops` when Triton and a GPU are present.
+"""The reference ops (`torch.ops.rotquant.*`): kernels/reference.py registered as torch custom
+ops for every device, with fake (meta) implementations so that Dynamo traces them
+(fullgraph) and Inductor keeps them opaque. They define the numerics; the fast kernels
+(kernels/cpu_kernel.py, kernels/triton_kernel.py) register their own ops under their own names,
+and a layer runs the kernel chosen for it at load (kernels/linear_kernel.py).
 
-Weights reach `w4a4_gemm` in the canonical packed layout (uint8 [N, K/2]), unpacked (int8 [N, K],
-what the CPU path keeps after loading) or in the CUDA kernels' layout (int32 [N, K/8], made once
-at load time by `prepare_weight`, see kernels/layout.py); the reference accepts all three.
+The GEMM takes weights in any layout: canonical packed uint8 [N, K/2], unpacked int8 [N, K], or
+the Triton kernel's int32 [N, K/8] (kernels/layout.py); the reference unpacks.
 """
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ from vllm_rotquant.format import unpack_int4
 from vllm_rotquant.kernels import reference as ref
 from vllm_rotquant.kernels.layout import kernel_layout_to_int, prepare_weight, weight_in_features
 
-__all__ = ["quant_act", "quant_act_asym", "hadamard_quant", "hadamard_quant_asym", "hadamard", "w4a4_gemm",
-           "weight_sums", "rotquant_linear", "prepare_weight"]
+__all__ = ["quant_act", "quant_act_asym", "quant_act_in_range", "quant_act_asym_in_range", "hadamard_quant",
+           "hadamard_quant_asym", "hadamard", "w4a4_gemm", "weight_sums", "rotquant_linear", "prepare_weight"]
 
 
 def _weight_int(w: torch.Tensor) -> torch.Tensor:
@@ -55,6 +56,28 @@ def _asym_fake(x, *args):
 
 
 quant_act_asym.register_fake(_asym_fake)
+
+
+@torch.library.custom_op("rotquant::quant_act_in_range", mutates_args=())
+def quant_act_in_range(x: torch.Tensor, amax: torch.Tensor, clip: float, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quant_act` with a given per-token max|x| (float32 [M, 1]): the range of the whole row
+    when x holds one tensor-parallel rank's columns."""
+    return ref.quant_act_ref(x, clip, bits, amax)
+
+
+@quant_act_in_range.register_fake
+def _(x, amax, clip, bits):
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
+
+
+@torch.library.custom_op("rotquant::quant_act_asym_in_range", mutates_args=())
+def quant_act_asym_in_range(x: torch.Tensor, vmax: torch.Tensor, vmin: torch.Tensor, clip: float,
+                            bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`quant_act_asym` with a given per-token (max, min) (float32 [M, 1] each)."""
+    return ref.quant_act_asym_ref(x, clip, bits, vmax, vmin)
+
+
+quant_act_asym_in_range.register_fake(_asym_fake)
 
 
 @torch.library.custom_op("rotquant::hadamard_quant", mutates_args=())

@@ -32,10 +32,14 @@ def qmax(bits: int) -> int:
     return 2 ** (bits - 1) - 1
 
 
-def quant_act_ref(x: torch.Tensor, clip: float, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [..., K] float -> (q int8 [..., K], scale float32 [..., 1])."""
+def quant_act_ref(x: torch.Tensor, clip: float, bits: int,
+                  amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., K] float -> (q int8 [..., K], scale float32 [..., 1]). `amax` (float32 [..., 1]):
+    the per-token max|x| to use instead of this row's own (the row-parallel layers at tp > 1
+    quantize their columns with the range of the whole row)."""
     xf = x.float()
-    amax = xf.abs().amax(dim=-1, keepdim=True)
+    if amax is None:
+        amax = xf.abs().amax(dim=-1, keepdim=True)
     scale = amax * clip / qmax(bits)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     q = torch.clamp(torch.round(xf / scale), -qmax(bits) - 1, qmax(bits)).to(torch.int8)
@@ -47,11 +51,15 @@ def levels(bits: int) -> int:
     return 2 ** bits - 1
 
 
-def quant_act_asym_ref(x: torch.Tensor, clip: float, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x [..., K] float -> (q int8 [..., K], scale float32 [..., 1], zero int32 [..., 1])."""
+def quant_act_asym_ref(x: torch.Tensor, clip: float, bits: int, vmax: torch.Tensor | None = None,
+                       vmin: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [..., K] float -> (q int8 [..., K], scale float32 [..., 1], zero int32 [..., 1]).
+    `vmax`, `vmin` (float32 [..., 1]): the per-token range to use instead of this row's own."""
     xf = x.float()
-    hi = xf.amax(dim=-1, keepdim=True).clamp_min(0) * clip
-    lo = xf.amin(dim=-1, keepdim=True).clamp_max(0) * clip
+    if vmax is None:
+        vmax, vmin = xf.amax(dim=-1, keepdim=True), xf.amin(dim=-1, keepdim=True)
+    hi = vmax.clamp_min(0) * clip
+    lo = vmin.clamp_max(0) * clip
     scale = (hi - lo) / levels(bits)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     u = torch.clamp(torch.round(-lo / scale), 0, levels(bits))
@@ -105,6 +113,22 @@ def hadamard_quant_ref(x: torch.Tensor, block: int, clip: float, bits: int):
 def hadamard_quant_asym_ref(x: torch.Tensor, block: int, clip: float, bits: int):
     """Fused online Hadamard + per-token asymmetric quantization (reference)."""
     return quant_act_asym_ref(hadamard_ref(x, block), clip, bits)
+
+
+def row_range(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token (max, min) of x [..., K] in float32, keepdim: what the quantizers scale by."""
+    xf = x.float()
+    return xf.amax(dim=-1, keepdim=True), xf.amin(dim=-1, keepdim=True)
+
+
+def quant_act_in_range_ref(x: torch.Tensor, vmax: torch.Tensor, vmin: torch.Tensor, clip: float, bits: int,
+                           symmetric: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Per-token quantization of x [..., K] with a given per-token range (max, min), e.g. the
+    whole row's when x holds one rank's columns: (q, scale, zero or None)."""
+    if symmetric:
+        q, s = quant_act_ref(x, clip, bits, torch.maximum(vmax.abs(), vmin.abs()))
+        return q, s, None
+    return quant_act_asym_ref(x, clip, bits, vmax, vmin)
 
 
 def _exact_matmul_dtype(k: int, a_bound: int, b_bound: int) -> torch.dtype:

@@ -1,85 +1,125 @@
-"""CUDA implementations of the rotquant custom ops (Triton), registered on import.
+"""The Triton (CUDA) kernels as torch custom ops, `torch.ops.rotquant.triton_*`, with fake
+implementations for torch.compile. Semantics: kernels/reference.py (see triton_quant.py and
+triton_gemm.py for what is bit-exact and what differs in float summation order).
 
-`vllm_rotquant.kernels` imports this module when CUDA is available. The CPU keeps the torch
-references of kernels/ops.py; semantics are identical (see kernels/reference.py).
-
-Weight layout: the CUDA GEMM reads the kernel layout int32 [N, K/8] made once at load time by
-`vllm_rotquant.kernels.ops.prepare_weight` (kernels/layout.py). A canonical uint8 [N, K/2] or
-unpacked int8 [N, K] weight still works but is repacked on every call (logged once).
+These ops serve what the kernels serve and raise ValueError with the reason otherwise (4- or
+8-bit activations, the kernel weight layout of kernels/layout.py, group sizes
+`layout.gemm_group_supported` accepts, Hadamard blocks `triton_quant.hadamard_plan` can do):
+there is no per-call fallback. TritonKernel (kernels/triton_kernel.py) checks the same rules once
+per layer at load. The functions below take the reference ops' arguments (kernels/ops.py), so
+tests and benchmarks can call either.
 """
 from __future__ import annotations
-
-import logging
 
 import torch
 
 from vllm_rotquant.kernels import ops
-from vllm_rotquant.kernels import reference as ref
 from vllm_rotquant.kernels import triton_gemm, triton_quant
-from vllm_rotquant.kernels.layout import gemm_group_supported, prepare_weight
 
-logger = logging.getLogger(__name__)
-_warned: set = set()
+__all__ = ["quant_act", "quant_act_asym", "hadamard_quant", "hadamard_quant_asym", "hadamard", "w4a4_gemm",
+           "weight_sums", "quantize_activations", "rotquant_linear"]
 
-
-def _warn_once(key, msg, *args):
-    if key not in _warned:
-        _warned.add(key)
-        logger.warning(msg, *args)
+weight_sums = ops.weight_sums
 
 
-@ops.quant_act.register_kernel("cuda")
-def _quant_act_cuda(x: torch.Tensor, clip: float, bits: int):
-    if bits not in (4, 8):
-        return ref.quant_act_ref(x, clip, bits)
+def _fake_q(x, *args):
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
+
+
+def _fake_qz(x, *args):
+    lead = (*x.shape[:-1], 1)
+    return (x.new_empty(x.shape, dtype=torch.int8), x.new_empty(lead, dtype=torch.float32),
+            x.new_empty(lead, dtype=torch.int32))
+
+
+@torch.library.custom_op("rotquant::triton_quant_act", mutates_args=(), device_types="cuda")
+def quant_act(x: torch.Tensor, clip: float, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token symmetric quantization (bit-exact with the reference)."""
     return triton_quant.quant_act(x, clip, bits)
 
 
-@ops.hadamard_quant.register_kernel("cuda")
-def _hadamard_quant_cuda(x: torch.Tensor, block: int, clip: float, bits: int):
-    if bits not in (4, 8):
-        return ref.hadamard_quant_ref(x, block, clip, bits)
-    return triton_quant.hadamard_quant(x, block, clip, bits)
+quant_act.register_fake(_fake_q)
 
 
-@ops.quant_act_asym.register_kernel("cuda")
-def _quant_act_asym_cuda(x: torch.Tensor, clip: float, bits: int):
-    if bits not in (4, 8):
-        return ref.quant_act_asym_ref(x, clip, bits)
+@torch.library.custom_op("rotquant::triton_quant_act_asym", mutates_args=(), device_types="cuda")
+def quant_act_asym(x: torch.Tensor, clip: float, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token asymmetric quantization (bit-exact with the reference)."""
     return triton_quant.quant_act(x, clip, bits, asymmetric=True)
 
 
-@ops.hadamard_quant_asym.register_kernel("cuda")
-def _hadamard_quant_asym_cuda(x: torch.Tensor, block: int, clip: float, bits: int):
-    if bits not in (4, 8):
-        return ref.hadamard_quant_asym_ref(x, block, clip, bits)
+quant_act_asym.register_fake(_fake_qz)
+
+
+@torch.library.custom_op("rotquant::triton_hadamard_quant", mutates_args=(), device_types="cuda")
+def hadamard_quant(x: torch.Tensor, block: int, clip: float, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused block Hadamard + per-token quantization."""
+    return triton_quant.hadamard_quant(x, block, clip, bits)
+
+
+hadamard_quant.register_fake(_fake_q)
+
+
+@torch.library.custom_op("rotquant::triton_hadamard_quant_asym", mutates_args=(), device_types="cuda")
+def hadamard_quant_asym(x: torch.Tensor, block: int, clip: float, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused block Hadamard + per-token asymmetric quantization."""
     return triton_quant.hadamard_quant(x, block, clip, bits, asymmetric=True)
 
 
-@ops.hadamard.register_kernel("cuda")
-def _hadamard_cuda(x: torch.Tensor, block: int):
+hadamard_quant_asym.register_fake(_fake_qz)
+
+
+@torch.library.custom_op("rotquant::triton_hadamard", mutates_args=(), device_types="cuda")
+def hadamard(x: torch.Tensor, block: int) -> torch.Tensor:
+    """Block-diagonal normalized Hadamard along the last dim, in x's dtype (R3; R4 at tp > 1)."""
     return triton_quant.hadamard(x, block)
 
 
-@ops.w4a4_gemm.register_kernel("cuda")
-def _w4a4_gemm_cuda(qa: torch.Tensor, sa: torch.Tensor, w: torch.Tensor, sw: torch.Tensor,
-                    out_dtype: torch.dtype, za: torch.Tensor | None = None,
-                    wsum: torch.Tensor | None = None):
+@hadamard.register_fake
+def _(x, block):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("rotquant::triton_w4a4_gemm", mutates_args=(), device_types="cuda")
+def w4a4_gemm(qa: torch.Tensor, sa: torch.Tensor, w: torch.Tensor, sw: torch.Tensor,
+              out_dtype: torch.dtype, za: torch.Tensor | None = None,
+              wsum: torch.Tensor | None = None) -> torch.Tensor:
+    """int8 activations x INT4 weights in the kernel layout (int32 [N, K/8], made once by
+    kernels.layout.prepare_weight); asymmetric activations pass za and the weight sums."""
     if w.dtype != torch.int32:
-        _warn_once(("repack", w.dtype),
-                   "rotquant: w4a4_gemm got a %s weight on CUDA; repacking on every call. Call "
-                   "vllm_rotquant.kernels.ops.prepare_weight once at load time.", w.dtype)
-        w = prepare_weight(w)
-    if za is not None and wsum is None:
-        _warn_once("wsum", "rotquant: asymmetric w4a4_gemm without weight sums; summing the weights on "
-                   "every call. Pass ops.weight_sums(w, groups), made once at load time.")
-        wsum = ops.weight_sums(w, sw.shape[1])
-    k = qa.shape[1]
-    groups = sw.shape[1]
-    if groups > 1:
-        g = k // groups
-        if k % groups or not gemm_group_supported(k, g):
-            _warn_once(("group", g, k), "rotquant: group size %d with K=%d has no Triton path; "
-                       "using the torch reference", g, k)
-            return ref.w4a4_gemm_ref(qa, sa, ops._weight_int(w), sw, out_dtype, za, wsum)
+        raise ValueError(f"rotquant Triton GEMM: the weight must be in the kernel layout (int32 [N, K/8], "
+                         f"made once at load by kernels.layout.prepare_weight), got {w.dtype} {tuple(w.shape)}")
     return triton_gemm.w4a4_gemm(qa, sa, w, sw, out_dtype, za=za, wsum=wsum)
+
+
+@w4a4_gemm.register_fake
+def _(qa, sa, w, sw, out_dtype, za=None, wsum=None):
+    return qa.new_empty((qa.shape[0], w.shape[0]), dtype=out_dtype)
+
+
+def quantize_activations(x: torch.Tensor, act_bits: int, clip: float, hadamard_block: int | None,
+                         act_symmetric: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """[fused block Hadamard] + per-token quantization of x [M, K] -> (q, scale, zero or None)."""
+    if act_symmetric:
+        qa, sa = hadamard_quant(x, hadamard_block, clip, act_bits) if hadamard_block else quant_act(x, clip, act_bits)
+        return qa, sa, None
+    if hadamard_block:
+        return hadamard_quant_asym(x, hadamard_block, clip, act_bits)
+    return quant_act_asym(x, clip, act_bits)
+
+
+def rotquant_linear(x: torch.Tensor, w: torch.Tensor, sw: torch.Tensor, bias: torch.Tensor | None,
+                    act_bits: int, clip: float, hadamard_block: int | None, act_symmetric: bool = True,
+                    wsum: torch.Tensor | None = None) -> torch.Tensor:
+    """ops.rotquant_linear with the Triton kernels: w in the kernel layout, `wsum` given for
+    asymmetric activations."""
+    k = w.shape[1] * 8
+    if x.shape[-1] != k:
+        raise ValueError(f"rotquant linear: input has {x.shape[-1]} features, weight expects {k}")
+    if not act_symmetric and wsum is None:
+        raise ValueError("rotquant Triton linear: asymmetric activations need the weight sums (ops.weight_sums)")
+    lead = x.shape[:-1]
+    qa, sa, za = quantize_activations(x.reshape(-1, k), act_bits, clip, hadamard_block, act_symmetric)
+    out = w4a4_gemm(qa, sa, w, sw, x.dtype, za, wsum)
+    if bias is not None:
+        out = out + bias
+    return out.reshape(*lead, w.shape[0])

@@ -14,15 +14,14 @@ a Paley core (x) Sylvester, both +-1 tables loaded once per program), two tensor
   core-first: x [blocks*B, A] @ H_A exactly, then along B by butterflies (B <= 8, fp32 adds) or
               the split-bf16 dot;
 then the 1/sqrt(p) normalisation in fp32. `hadamard_plan` picks the order and factors (measured
-preferences, else a MAC model); a factor over 256 (e.g. 1376 = 344*4) does not fit shared memory
-and falls back to an fp32 matmul with the cached matrix. Programs are persistent over groups of
+preferences, else a MAC model); a factor over 256 (e.g. 1376 = 344*4) does not fit shared memory:
+such a block is refused (`no_plan_reason`; no per-call fallback). Programs are persistent over groups of
 token rows (next group prefetched into registers); a group's rows stay in registers, so the
 per-token max is a register reduction and the Hadamard output never touches device memory.
 """
 from __future__ import annotations
 
 import functools
-import logging
 import math
 import os
 
@@ -35,7 +34,6 @@ from vllm_rotquant.kernels import reference as ref
 from vllm_rotquant.kernels.hadamard import hadamard_factors, hadamard_matrix
 from vllm_rotquant.kernels.triton_gemm import num_sms
 
-logger = logging.getLogger(__name__)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _MAGIC = 12582912.0  # 1.5 * 2**23: (v + M) - M rounds |v| < 2**22 to the nearest even integer
@@ -370,7 +368,7 @@ def hadamard_plan(block: int, k: int, max_b: int = 256, rows: int | None = None,
                   warps: int | None = None, order: str | None = None,
                   a_force: int | None = None) -> dict | None:
     """Kernel parameters for a block Hadamard of order `block` over rows of `k`, or None when
-    the kernel cannot do it (the caller then falls back to the reference). The factorisation
+    the kernel cannot do it (the layer is then refused at load, see `no_plan_reason`). The factorisation
     (A, B) and stage order minimise a MAC + overhead model (checked against the H100 sweep in
     bench/RESULTS.md); `order` ("fast"/"core") and `a_force` override it."""
     if block < 16 or k % block or hadamard_factors(block) is None:
@@ -496,30 +494,17 @@ def _launch_hadamard(x2, plan, block, clip, qm, q, s, f, num_warps=None, ctas_pe
         ASYM=z is not None, INTERP=INTERPRET, num_warps=warps, num_stages=1)
 
 
-_warned: set = set()
-
-
-def _fallback(what: str, block: int, k: int) -> None:
-    if (what, block, k) not in _warned:
-        _warned.add((what, block, k))
-        logger.warning("rotquant: no fused Triton plan for %s block %d over K=%d (a +-1 factor "
-                       "over 256); using an fp32 matmul with the cached Hadamard matrix", what,
-                       block, k)
-
-
-_HM_CACHE: dict = {}
-
-
-def _hadamard_matmul(x: torch.Tensor, block: int) -> torch.Tensor:
-    """Reference semantics (x.float() @ H in fp32, block-diagonal) with H cached on the device:
-    no host-to-device copy after the first call, so it can be captured in a CUDA graph."""
-    key = (block, str(x.device))
-    h = _HM_CACHE.get(key)
-    if h is None:
-        h = hadamard_matrix(block, torch.float32, x.device)
-        _HM_CACHE[key] = h
-    k = x.shape[-1]
-    return (x.float().reshape(*x.shape[:-1], k // block, block) @ h).reshape(x.shape)
+def no_plan_reason(block: int, k: int, dtype: torch.dtype | None = None) -> str | None:
+    """Why the fused kernel cannot do a block Hadamard of order `block` over rows of `k` (None if
+    it can): the kernel has no per-call fallback, kernel selection asks this at load."""
+    if dtype is not None and dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return f"input dtype {dtype} (bf16, fp16 or fp32)"
+    if k % block or hadamard_factors(block) is None:
+        return f"no Hadamard of order {block} dividing K={k}"
+    if hadamard_plan(block, k, _max_b(block)) is None:
+        return (f"no fused Triton plan for block {block} over K={k} (a +-1 factor over 256 does not fit shared "
+                f"memory, or a row over {MAX_ELEMS} padded elements)")
+    return None
 
 
 def hadamard_quant(x: torch.Tensor, block: int, clip: float, bits: int,
@@ -536,14 +521,7 @@ def hadamard_quant(x: torch.Tensor, block: int, clip: float, bits: int,
     lead = (*x.shape[:-1], 1)
     plan = hadamard_plan(block, k, max_b or _max_b(block), rows, num_warps, order, a_force)
     if plan is None or x2.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        if k % block or hadamard_factors(block) is None:
-            raise ValueError(f"hadamard_quant: no Hadamard of order {block} dividing K={k}")
-        _fallback("hadamard_quant", block, k)
-        y = _hadamard_matmul(x2, block)
-        if float_out is not None:
-            float_out.view(m, k).copy_(y)
-        out = quant_act(y, clip, bits, asymmetric)
-        return (out[0].reshape(x.shape),) + tuple(t.reshape(lead) for t in out[1:])
+        raise ValueError(f"hadamard_quant: {no_plan_reason(block, k, x2.dtype) or 'no plan for the given overrides'}")
     q = torch.empty((m, k), dtype=torch.int8, device=x.device)
     s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     z = torch.empty((m, 1), dtype=torch.int32, device=x.device) if asymmetric else None
@@ -566,10 +544,7 @@ def hadamard(x: torch.Tensor, block: int) -> torch.Tensor:
         m, k = x2.shape
     plan = hadamard_plan(block, k, _max_b(block))
     if plan is None or x2.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        if k % block or hadamard_factors(block) is None:
-            raise ValueError(f"hadamard: no Hadamard of order {block} dividing K={k}")
-        _fallback("hadamard", block, k)
-        return _hadamard_matmul(x2, block).to(x.dtype).reshape(x.shape)
+        raise ValueError(f"hadamard: {no_plan_reason(block, k, x2.dtype)}")
     f = torch.empty((m, k), dtype=x.dtype, device=x.device)
     if m:
         _launch_hadamard(x2, plan, block, 1.0, 7, None, None, f)

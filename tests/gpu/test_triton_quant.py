@@ -7,8 +7,8 @@ correctly rounded division in the last bit of about half the scales; the kernels
 import pytest
 import torch
 
-from vllm_rotquant.kernels import ops
 from vllm_rotquant.kernels import reference as ref
+from vllm_rotquant.kernels import triton_ops as tops
 from vllm_rotquant.kernels.hadamard import hadamard_matrix
 
 pytestmark = pytest.mark.gpu
@@ -37,7 +37,7 @@ def test_quant_act_bit_exact(k, bits, dtype, poison):
     for m in (1, 5, 37, 300):
         x = _acts(m, k, dtype, seed=k * 31 + m + bits)
         poison()
-        q, s = ops.quant_act(x, 0.9, bits)
+        q, s = tops.quant_act(x, 0.9, bits)
         qr, sr = _cuda(ref.quant_act_ref(x.cpu(), 0.9, bits))
         assert q.dtype == torch.int8 and s.dtype == torch.float32 and s.shape == (m, 1)
         assert torch.equal(s, sr)
@@ -47,7 +47,7 @@ def test_quant_act_bit_exact(k, bits, dtype, poison):
 def test_quant_act_3d_and_clip():
     x = _acts(24, 4096, torch.bfloat16, seed=5).reshape(2, 12, 4096)
     for clip in (1.0, 0.75):
-        q, s = ops.quant_act(x, clip, 4)
+        q, s = tops.quant_act(x, clip, 4)
         qr, sr = _cuda(ref.quant_act_ref(x.cpu(), clip, 4))
         assert q.shape == x.shape and s.shape == (2, 12, 1)
         assert torch.equal(q, qr) and torch.equal(s, sr)
@@ -56,7 +56,7 @@ def test_quant_act_3d_and_clip():
 # (block, K): powers of two 64..2048; Paley cores: 1536 = 12*128, 768 = 12*64, 1792 = 28*64 (I), 576 = 36*16 (II)
 HQ_CASES = [(64, 4096), (128, 4096), (256, 11008), (512, 4096), (1024, 4096), (2048, 14336),
             (1536, 1536), (1536, 3072), (768, 1536), (1792, 14336), (576, 576), (64, 576),
-            (1184, 4736), (1216, 4864), (1376, 11008)]  # Paley II 148*8, 76*16; 344*4 (fallback)
+            (1184, 4736), (1216, 4864)]  # Paley II 148*8, 76*16
 
 
 @pytest.mark.parametrize("block,k", HQ_CASES)
@@ -82,9 +82,23 @@ def test_hadamard_quant(block, k, dtype, poison):
     d = (q.int() - qr.int()).abs()
     assert d.max().item() <= 1
     assert d.float().mean().item() < 1e-3
-    # the public op (CUDA kernel) gives the same as the direct call
-    q2, s2 = ops.hadamard_quant(x, block, 0.9, bits)
+    # the custom op gives the same as the direct call
+    q2, s2 = tops.hadamard_quant(x, block, 0.9, bits)
     assert torch.equal(q2, q) and torch.equal(s2, s)
+
+
+def test_block_without_a_plan_is_refused():
+    """1376 = 344 * 4: the 344 core does not fit shared memory. No per-call fallback: the ops raise
+    with the reason, which kernel selection gives at load (and refuses the layer)."""
+    x = _acts(5, 11008, torch.bfloat16, seed=1)
+    from vllm_rotquant.kernels import triton_quant
+    assert "no fused Triton plan for block 1376" in triton_quant.no_plan_reason(1376, 11008)
+    for call in (lambda: tops.hadamard_quant(x, 1376, 0.9, 4), lambda: tops.hadamard(x, 1376),
+                 lambda: tops.hadamard_quant_asym(x, 1376, 0.9, 4)):
+        with pytest.raises(ValueError, match="no fused Triton plan for block 1376 over K=11008"):
+            call()
+    with pytest.raises(ValueError, match="activation bits must be 4 or 8"):
+        tops.quant_act(x, 0.9, 16)
 
 
 @pytest.mark.parametrize("order,a", [("fast", 1), ("core", 16), ("core", 32), ("fast", 16)])
@@ -104,7 +118,7 @@ def test_hadamard_quant_every_factorisation(order, a):
 def test_hadamard_quant_bits_small_m(bits):
     for m in (1, 2, 17):
         x = _acts(m, 11008, torch.bfloat16, seed=m)
-        q, s = ops.hadamard_quant(x, 256, 0.9, bits)
+        q, s = tops.hadamard_quant(x, 256, 0.9, bits)
         qr, sr = _cuda(ref.hadamard_quant_ref(x.cpu(), 256, 0.9, bits))
         assert ((s - sr).abs() / sr).max().item() < 1e-5
         d = (q.int() - qr.int()).abs()
@@ -115,7 +129,7 @@ def test_hadamard_quant_bits_small_m(bits):
 @pytest.mark.parametrize("heads", [8, 32])
 def test_hadamard_r3(head_dim, heads):
     x = _acts(77, heads * head_dim, torch.bfloat16, seed=head_dim * heads, outliers=False)
-    out = ops.hadamard(x, head_dim)
+    out = tops.hadamard(x, head_dim)
     want = ref.hadamard_ref(x.cpu(), head_dim).cuda()  # fp32
     assert out.dtype == x.dtype and out.shape == x.shape
     # within one bf16 ulp of the fp32 reference (plus fp32 summation-order noise near zero),
@@ -124,7 +138,7 @@ def test_hadamard_r3(head_dim, heads):
     assert ((out.float() - want).abs() <= want.abs() * 2 ** -7 + noise).all()
     assert (out != want.to(x.dtype)).float().mean().item() < 1e-2
     x3 = x.reshape(77, heads, head_dim)
-    assert torch.equal(ops.hadamard(x3, head_dim), out.reshape(77, heads, head_dim))
+    assert torch.equal(tops.hadamard(x3, head_dim), out.reshape(77, heads, head_dim))
 
 
 @pytest.mark.parametrize("fn", ["quant_act", "hadamard_quant"])
@@ -135,7 +149,7 @@ def test_nonfinite_rows_isolated(fn):
     bad[7, 100] = float("nan")
     bad[9, 5] = float("inf")
     bad[10] = float("-inf")
-    call = (lambda t: ops.quant_act(t, 0.9, 4)) if fn == "quant_act" else (lambda t: ops.hadamard_quant(t, 128, 0.9, 4))
+    call = (lambda t: tops.quant_act(t, 0.9, 4)) if fn == "quant_act" else (lambda t: tops.hadamard_quant(t, 128, 0.9, 4))
     q, s = call(bad)
     q0, s0 = call(x)
     keep = torch.ones(m, dtype=torch.bool)

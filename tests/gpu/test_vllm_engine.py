@@ -76,6 +76,7 @@ def served_logprobs(ckpt, ids: list[int], **llm_kw):
         assert len(gen.outputs[0].token_ids) == 8
         return got
     finally:
+        llm.llm_engine.engine_core.shutdown()  # the engine-core process gives its GPU memory back now
         del llm
         gc.collect()
         torch.cuda.empty_cache()

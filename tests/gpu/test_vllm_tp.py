@@ -68,6 +68,7 @@ def logprobs(ckpt: Path, ids: list[int], tp: int) -> list[float]:
                            use_tqdm=False)[0]
         return [d[ids[i]].logprob for i, d in enumerate(out.prompt_logprobs) if i > 0]
     finally:
+        llm.llm_engine.engine_core.shutdown()  # the engine-core process gives its GPU memory back now
         del llm
         gc.collect()
         torch.cuda.empty_cache()

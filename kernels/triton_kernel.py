@@ -1,0 +1,89 @@
+"""Triton: the CUDA kernel, a thin wrapper over kernels/triton_quant.py (per-token quantization
+fused with the online Hadamard) and kernels/triton_gemm.py (the W4A4 GEMM), through their custom
+ops (kernels/triton_ops.py). It declares what those kernels serve; a CUDA layer outside that is
+refused at load (no per-call fallback)."""
+from __future__ import annotations
+
+import torch
+
+from vllm_rotquant.format import unpack_int4
+from vllm_rotquant.kernels import ops
+from vllm_rotquant.kernels import reference as ref
+from vllm_rotquant.kernels import triton_ops, triton_quant
+from vllm_rotquant.kernels.layout import gemm_group_supported, prepare_weight
+from vllm_rotquant.kernels.linear_kernel import LinearSpec, RotQuantKernel
+
+
+class TritonKernel(RotQuantKernel):
+    name = "Triton"
+
+    @classmethod
+    def can_implement(cls, spec: LinearSpec) -> str | None:
+        if spec.device_type != "cuda":
+            return "runs on CUDA only"
+        if spec.act_bits not in (4, 8, 16):
+            return f"act_bits {spec.act_bits}: the Triton kernels quantize activations to 4 or 8 bits (16: none)"
+        if spec.act_dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            return f"activation dtype {spec.act_dtype}"
+        k = spec.in_features
+        if k % 8:
+            return f"input features per rank ({k}) must be a multiple of 8 (kernel weight layout)"
+        if spec.group_size and not gemm_group_supported(k, spec.group_size):
+            return (f"group_size {spec.group_size} with {k} input features per rank: the GEMM takes powers of two "
+                    f"in [32, 512] that divide K/2 = {k // 2}")
+        if not spec.act_symmetric and k >= 65536:
+            return f"K={k}: too large for the int32 accumulator with zero points (< 65536)"
+        if spec.hadamard_block:
+            reason = triton_quant.no_plan_reason(spec.hadamard_block, k)
+            if reason:
+                return reason
+        return None
+
+    def prepare(self, w_packed: torch.Tensor, w_scale: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.spec.act_bits >= 16:  # W4A16 (an analysis mode): the de-quantized weight, made once, cuBLAS
+            return {"w_dequant": ref.dequant_weight_ref(unpack_int4(w_packed), w_scale.float(), self.spec.act_dtype)}
+        w = prepare_weight(w_packed)
+        out = {"w_q": w, "w_scale": w_scale.float().contiguous()}
+        if not self.spec.act_symmetric:
+            out["w_sum"] = ops.weight_sums(w, w_scale.shape[1])
+        return out
+
+    def rotate(self, x2: torch.Tensor) -> torch.Tensor:
+        block = self.spec.hadamard_block
+        return triton_ops.hadamard(x2.float(), block) if block else x2
+
+    def quantize(self, y, vmax=None, vmin=None):
+        s = self.spec
+        if vmax is None:
+            return triton_ops.quantize_activations(y, s.act_bits, s.clip, None, s.act_symmetric)
+        # a given range rides along as two extra columns, which set the kernels' own scale (and zero
+        # point) and are then dropped: the arithmetic stays the quantizers' own
+        k = y.shape[-1]
+        q, sa, za = triton_ops.quantize_activations(torch.cat([y.float(), vmax, vmin], dim=-1), s.act_bits, s.clip,
+                                                    None, s.act_symmetric)
+        return q[:, :k].contiguous(), sa, za
+
+    def quantize_input(self, x2, all_gather=None):
+        s = self.spec
+        if all_gather is None:  # the fused Hadamard + quantization kernel
+            return triton_ops.quantize_activations(x2, s.act_bits, s.clip, s.hadamard_block, s.act_symmetric)
+        return super().quantize_input(x2, all_gather)
+
+    def apply(self, x, weights, bias=None, all_gather=None):
+        if self.spec.act_bits < 16:
+            return super().apply(x, weights, bias, all_gather)
+        k, block = self.spec.in_features, self.spec.hadamard_block  # W4A16: as ops.rotquant_linear
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, k)
+        if block:
+            x2 = triton_ops.hadamard(x2, block)
+        out = x2 @ weights["w_dequant"].T
+        if bias is not None:
+            out = out + bias
+        return out.reshape(*lead, self.spec.out_features)
+
+    def gemm(self, q, scale, zero, weights, out_dtype):
+        return triton_ops.w4a4_gemm(q, scale, weights["w_q"], weights["w_scale"], out_dtype, zero, weights.get("w_sum"))
+
+
+KERNEL = TritonKernel
