@@ -92,7 +92,7 @@ def cmd_fetch_data(args) -> int:
 
 def quantize_options(args):
     """The QuantizeOptions of parsed `rotquant quantize` arguments (validated: ValueError naming the option)."""
-    from vllm_rotquant.offline.options import DartQuantOptions, GPTQOptions, QuantizeOptions
+    from vllm_rotquant.offline.options import DartQuantOptions, GPTQOptions, QuantizeOptions, SpinQuantOptions
 
     return QuantizeOptions(
         rotation=args.rotation, weights=args.weights, weight_bits=args.weight_bits, act_bits=args.act_bits,
@@ -100,7 +100,7 @@ def quantize_options(args):
         calib=args.calib, calib_tokens=args.calib_tokens, calib_seq_len=args.calib_seq_len, seed=args.seed,
         device=args.device, tp_sizes=tuple(args.tp_sizes) if args.tp_sizes else None, r4_block=args.r4_block,
         batch_size=args.batch_size, gptq=_option_fields(args, GPTQOptions),
-        dartquant=_option_fields(args, DartQuantOptions))
+        dartquant=_option_fields(args, DartQuantOptions), spinquant=_option_fields(args, SpinQuantOptions))
 
 
 def cmd_quantize(args) -> int:
@@ -154,7 +154,7 @@ def _add_quantize_parser(sub) -> None:
     from vllm_rotquant.format import ROTATIONS, SUPPORTED_ACT_BITS, SUPPORTED_WEIGHT_BITS
     from vllm_rotquant.offline.act_clip import GRID, SCORE_TOKENS, START
     from vllm_rotquant.offline.options import (WEIGHT_QUANTIZERS, DartQuantOptions, GPTQOptions, QuantizeOptions,
-                                               defaults)
+                                               SpinQuantOptions, defaults)
 
     Q = defaults(QuantizeOptions)
     q = sub.add_parser("quantize", help="fold, rotate and quantize a HF model into a rotquant checkpoint",
@@ -195,7 +195,9 @@ def _add_quantize_parser(sub) -> None:
                         "dividing intermediate/max(tp))")
     q.add_argument("--batch-size", type=int, default=Q["batch_size"],
                    help="calibration windows per forward (default: %(default)s)")
-    _add_option_fields(q, DartQuantOptions, "DartQuant (--rotation dartquant)")
+    _add_option_fields(q, DartQuantOptions, "DartQuant (--rotation dartquant, or --sq-start dartquant)")
+    _add_option_fields(q, SpinQuantOptions, "SpinQuant: rotations learned through the quantized model "
+                                            "(--rotation spinquant)")
     _add_option_fields(q, GPTQOptions, "GPTQ (--weights gptq)")
     q.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
                    help="TF32 matmuls on CUDA for the calibration forwards: ~3x faster than fp32, 10-bit "
