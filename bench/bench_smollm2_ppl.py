@@ -59,6 +59,11 @@ ROWS = {
     "W4A4 hadamard+GPTQ g32 served": ("hadamard", "gptq", 4, None, {**SERVED, "group_size": 32}),
     "W4A8 hadamard+GPTQ g32 served": ("hadamard", "gptq", 8, None, {**SERVED, "group_size": 32}),
     "W4A8 hadamard+GPTQ g32": ("hadamard", "gptq", 8, None, {"group_size": 32}),
+    # R1/R2 learned end to end through the quantized model (offline/spinquant.py), then served GPTQ
+    "W4A4 spinquant+GPTQ served": ("spinquant", "gptq", 4, None, SERVED),
+    "W4A4 spinquant+GPTQ": ("spinquant", "gptq", 4, None),
+    "W4A4 dartquant-spinquant+GPTQ served": ("spinquant", "gptq", 4, None, {**SERVED,
+                                                                             "spinquant": {"start": "dartquant"}}),
 }
 
 

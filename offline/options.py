@@ -201,7 +201,7 @@ class SpinQuantOptions(_FromDict):
 
     start: str = _opt("hadamard", "rotation the learning starts from", choices=SPIN_STARTS)
     steps: int = _opt(64, "Adam steps")
-    lr: float = _opt(1e-3, "Adam learning rate of the latent matrices")
+    lr: float = _opt(1e-4, "Adam learning rate of the latent matrices (cosine decay to 0)")
     batch: int = _opt(1, "calibration windows per step")
     seq_len: int | None = _opt(None, "tokens per training window (the first N of each calibration window; "
                                      "default: the whole window)")

@@ -21,7 +21,8 @@ noise (which directions of the next layers it excites).
   most likely tokens plus one bucket for the rest (OSTQuant's "KL-top"); the fp targets are
   computed once per window (no grad) and cached.
 - Parametrisation: QR-Orth (DartQuant's): R = QR(Z) sign-fixed, Z initialised to the start
-  rotation (the random Hadamard, or DartQuant's result), optimised with Adam; only R is kept.
+  rotation (the random Hadamard, or DartQuant's result), optimised with Adam (cosine decay of
+  the learning rate to zero); only R is kept.
   The lm_head and embeddings stay unquantized (they are not rotated differently by R1 than the
   residual stream is: E R1 and W_head R1 are absorbed exactly as before).
 """
@@ -165,8 +166,8 @@ def kl_top(logits: torch.Tensor, idx: torch.Tensor, target_logp: torch.Tensor) -
     return (p * (target_logp - logq_k)).sum(-1).mean()
 
 
-def learn_rotations(model, windows: torch.Tensor, init: Rotations, *, steps: int = 40, lr: float = 1e-3,
-                    batch: int = 2, act_bits: int = 4, clip: float = 0.75, symmetric: bool = True,
+def learn_rotations(model, windows: torch.Tensor, init: Rotations, *, steps: int = 64, lr: float = 1e-4,
+                    batch: int = 1, act_bits: int = 4, clip: float = 0.75, symmetric: bool = True,
                     topk: int = 256, learn_r2: bool = True, seed: int = 0,
                     device: str | torch.device = "cpu") -> tuple[Rotations, SpinRun]:
     """Learn R1 (and R2) from `init` through the W16A`act_bits` model on calibration `windows`
@@ -201,6 +202,8 @@ def learn_rotations(model, windows: torch.Tensor, init: Rotations, *, steps: int
         z1 = init.r1.to(device, torch.float32).clone().requires_grad_(True)
         z2 = torch.stack([r.to(device, torch.float32) for r in init.r2]).clone().requires_grad_(learn_r2)
         opt = torch.optim.Adam([z1, z2] if learn_r2 else [z1], lr=lr)
+        # cosine decay to zero: the late steps (batch-1 noise) refine instead of redrawing the rotation
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + math.cos(math.pi * k / max(1, steps))))
         order = torch.cat([torch.randperm(windows.shape[0], generator=g)
                            for _ in range(math.ceil(steps * batch / windows.shape[0]) + 1)])
 
@@ -221,6 +224,7 @@ def learn_rotations(model, windows: torch.Tensor, init: Rotations, *, steps: int
             opt.zero_grad()
             loss.backward()
             opt.step()
+            sched.step()
             history.append(float(loss.detach()))
             if step % 10 == 0 or step == steps - 1:
                 log.info("learned rotation step %d: KL %.4f", step, history[-1])
