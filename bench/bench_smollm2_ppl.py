@@ -6,7 +6,8 @@ on brown-heldout (Brown genres D/L/R, which the calibration text `brown` never h
 Each row quantizes (unless its checkpoint already exists in --work) and evaluates with
 `rotquant eval` arithmetic (the simulation of the served kernels). W4A8/W4A16 rows reuse the
 W4A4 row's GPTQ weights with another `act_bits` (and the "asym" rows with asymmetric activations):
-the weight quantizer never sees quantized activations (its Hessians come from full-precision
+in the rows without "served" (GPTQ on the fp model's inputs, `--no-gptq-served-inputs`) the weight
+quantizer never sees quantized activations (its Hessians come from full-precision
 inputs), so re-running it would write the same tensors; with `--act-clip auto` (the default, as in
 `rotquant quantize`) the derived copy's clip is searched again for its own activations. DartQuant+RTN is the exception (its
 starts are scored with quantized activations), so its asym row quantizes afresh. Prints a markdown table.
@@ -26,7 +27,8 @@ from vllm_rotquant.offline.model_io import fetch_smollm2, load_tokenizer
 from vllm_rotquant.offline.options import QuantizeOptions
 from vllm_rotquant.offline.pipeline import quantize_checkpoint
 
-SERVED = {"gptq": {"served_inputs": True}}
+SERVED = {"gptq": {"served_inputs": True}}  # the default since issue 17
+PLAIN = {"gptq": {"served_inputs": False}}  # rows without SERVED: GPTQ on the fp model's inputs
 # name -> (rotation, weights, act_bits, derived from[, other QuantizeOptions]); "asym" rows: per-token
 # asymmetric activations; "served" rows: GPTQ fit to the served (quantized) inputs, quantized afresh
 # at each act_bits (the refit depends on the activation quantizer)
@@ -103,7 +105,7 @@ def main() -> None:
     results = []
     for name in args.rows:
         rotation, weights, act_bits, parent, *extra = ROWS[name]
-        extra = extra[0] if extra else {}
+        extra = {**(PLAIN if weights == "gptq" else {}), **(extra[0] if extra else {})}
         symmetric = not name.endswith(" asym")
         ckpt, quant = src, None
         if rotation is not None:

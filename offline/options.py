@@ -175,9 +175,10 @@ class GPTQOptions(_FromDict):
     damp: float = _opt(0.01, "dampening added to the Hessian's diagonal, as a share of its mean")
     block: int = _opt(128, "columns per lazy block update")
     act_order: bool = _opt(True, "quantize columns in decreasing Hessian-diagonal order")
-    served_inputs: bool = _opt(False, "fit the weights to their inputs quantized as served (Hessian of the per-token "
-                                      "quantized inputs, least-squares refit to the fp outputs before rounding; "
-                                      "with --act-clip auto the clip is first searched on the unquantized weights)")
+    # on by default since issue 17: SmolLM2 W4A4 seed 0, austen 53.49 -> 50.08, brown-heldout 63.50 -> 55.80
+    served_inputs: bool = _opt(True, "fit the weights to their inputs quantized as served (Hessian of the per-token "
+                                     "quantized inputs, least-squares refit to the fp outputs before rounding; "
+                                     "with --act-clip auto the clip is first searched on the unquantized weights)")
 
     def __post_init__(self):
         if not _is_number(self.damp) or not 0 <= self.damp < 1:

@@ -115,7 +115,7 @@ def test_served_inputs_change_the_weights_and_record_the_clip(src, calib_file, t
     says nothing about that.)"""
     from safetensors.torch import load_file
 
-    pipeline.quantize_checkpoint(src, tmp_path / "plain", _opts(calib_file))
+    pipeline.quantize_checkpoint(src, tmp_path / "plain", _opts(calib_file, gptq=GPTQOptions(served_inputs=False)))
     pipeline.quantize_checkpoint(src, tmp_path / "served", _opts(calib_file, gptq=GPTQOptions(served_inputs=True)))
     a, b = (load_file(tmp_path / n / "model.safetensors") for n in ("plain", "served"))
     for name in a:
@@ -127,6 +127,11 @@ def test_served_inputs_change_the_weights_and_record_the_clip(src, calib_file, t
     record = spec.calibration["served_inputs_clip"]
     assert record["chosen"] in [float(c) for c in record["nll"]] and record["tokens"] > 0
     assert auto.act_clip is not None and spec.act_clip_ratio == auto.act_clip["chosen"]
+
+
+def test_served_inputs_are_the_default():
+    assert GPTQOptions().served_inputs and pipeline.served_clip_needed(QuantizeOptions(device="cpu"))
+    assert not pipeline.served_clip_needed(QuantizeOptions(device="cpu", gptq={"served_inputs": False}))
 
 
 def test_option_is_validated():
