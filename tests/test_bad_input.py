@@ -365,7 +365,7 @@ def test_eval_options_are_checked_before_loading(tiny_ckpt, text_file, caplog, m
 def test_binary_eval_text_is_named(tiny_ckpt, binary_file, caplog):
     message = refusal(["eval", str(tiny_ckpt), "--data", str(binary_file)], caplog)
     assert message == (f"{binary_file}: not UTF-8 text (byte 0x9e at offset 0); --data expects a UTF-8 text file "
-                       f"or a corpus name (brown, austen)")
+                       f"or a corpus name (brown, brown-heldout, austen)")
 
 
 def test_good_checkpoint_still_evaluates(tiny_ckpt, text_file, capsys):
