@@ -4,7 +4,7 @@ searched before the weights."""
 import pytest
 import torch
 
-from hf_factory import build_hf_model
+from vllm_rotquant.testing.hf_factory import build_hf_model
 from vllm_rotquant.kernels.reference import fake_quant_act
 from vllm_rotquant.offline import pipeline, quantize
 from vllm_rotquant.offline.options import GPTQOptions, QuantizeOptions

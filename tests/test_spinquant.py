@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from hf_factory import build_hf_model, build_hf_module
+from vllm_rotquant.testing.hf_factory import build_hf_model, build_hf_module
 from vllm_rotquant.format import unpack_int4
 from vllm_rotquant.kernels.reference import dequant_weight_ref, fake_quant_act
 from vllm_rotquant.offline import cli, pipeline, quantize, spinquant

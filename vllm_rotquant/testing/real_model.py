@@ -3,6 +3,7 @@ W4A4 rotquant checkpoint of it, built once per machine and cached, for the tests
 (calibrator numbers, vLLM serving). Cache: $ROTQUANT_TEST_CACHE or ~/.cache/vllm-rotquant/tests."""
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -23,7 +24,11 @@ def smollm2_rotquant_dir() -> Path:
     from vllm_rotquant.offline.options import QuantizeOptions
     from vllm_rotquant.offline.pipeline import quantize_checkpoint
 
-    out = CACHE / "smollm2-w4a4-hadamard-gptq"
+    options = QuantizeOptions(**CKPT_OPTIONS)
+    # named by every option, defaults included: a changed default builds a new checkpoint here, as
+    # it would on a fresh CI machine, instead of reusing one made by the old recipe
+    key = hashlib.sha256(repr(options).encode()).hexdigest()[:10]
+    out = CACHE / f"smollm2-w4a4-hadamard-gptq-{key}"
     if not (out / "config.json").is_file():
-        quantize_checkpoint(smollm2_dir(), out, QuantizeOptions(**CKPT_OPTIONS), overwrite=True)
+        quantize_checkpoint(smollm2_dir(), out, options, overwrite=True)
     return out
