@@ -25,16 +25,15 @@ step "2/5 fetch SmolLM2-135M-Instruct as a bf16 HF folder (de-quantized from the
 rotquant fetch-model smollm2 runs/smollm2
 # the offline steps' OpenMP threads sleep instead of spinning while they wait: on a machine that is
 # running anything else, spinning threads made a SmolLM2 forward ~9x slower (bench/RESULTS.md)
-export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
+offline() { OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}" "$@"; }
 step "3/5 quantize to W4A4: Hadamard rotations + GPTQ fit to the served inputs on brown, activation clip searched (~6-9 minutes)"
-rotquant quantize runs/smollm2 runs/smollm2-w4a4 --rotation hadamard --weights gptq \
+offline rotquant quantize runs/smollm2 runs/smollm2-w4a4 --rotation hadamard --weights gptq \
     --calib brown --calib-tokens "${CALIB_TOKENS:-16384}" --calib-seq-len 512 --overwrite
 step "4/5 perplexity on austen, 16 x 512 tokens (~1 minute)"
-ppl_bf16=$(rotquant eval runs/smollm2 --data austen --seq-len 512 --windows 16)
-ppl_w4a4=$(rotquant eval runs/smollm2-w4a4 --data austen --seq-len 512 --windows 16)
+ppl_bf16=$(offline rotquant eval runs/smollm2 --data austen --seq-len 512 --windows 16)
+ppl_w4a4=$(offline rotquant eval runs/smollm2-w4a4 --data austen --seq-len 512 --windows 16)
 printf '\n%-44s %s\n%-44s %s\n' "bf16 SmolLM2 (runs/smollm2):" "$ppl_bf16" \
     "rotquant W4A4 (runs/smollm2-w4a4, simulated):" "$ppl_w4a4"
-unset OMP_WAIT_POLICY  # vLLM's CPU workers bind and manage their own threads
 step "5/5 serve: vLLM's OpenAI server on the W4A4 checkpoint, then on bf16, one chat request each (~3 minutes)"
 python scripts/serve_demo.py runs/smollm2-w4a4 --bf16 runs/smollm2 &
 demo_pid=$!
