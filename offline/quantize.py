@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from vllm_rotquant.format import one_torch_thread
 from vllm_rotquant.kernels.reference import qmax, quantize_weight_ref
 
 CLIP_GRID = torch.linspace(1.0, 0.5, 21).tolist()
@@ -79,17 +80,8 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group_size: int 
     return q_all[:, inv].to(torch.int8), scales.float()
 
 
-@contextlib.contextmanager
 def _single_thread_on_cpu(device: torch.device):
-    if device.type != "cpu":
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    return one_torch_thread() if device.type == "cpu" else contextlib.nullcontext()
 
 
 def _gptq_columns(wt, st, q_all, hinv, block, lo, hi) -> None:

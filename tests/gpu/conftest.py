@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -19,3 +21,16 @@ def poison():
         t = torch.full((nbytes,), 0xFF, dtype=torch.uint8, device="cuda")
         del t
     return _poison
+
+
+@pytest.fixture(scope="module")
+def vllm_engine_env():
+    """For the modules that start vLLM engines (set at import, it would leak into every test
+    collected with them): spawn the engine core, since the test process builds checkpoints with
+    multi-threaded torch first and a forked child would deadlock on the OpenMP pool
+    (tests/test_fork_safety.py); and R3 in the served graph even with the bf16 KV cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in (("VLLM_WORKER_MULTIPROC_METHOD", "spawn"), ("ROTQUANT_R3", "on")):
+            if name not in os.environ:
+                mp.setenv(name, value)
+        yield

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -24,23 +23,10 @@ import pytest
 import torch
 
 pytest.importorskip("vllm")
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("vllm_engine_env")]
 
 from vllm_rotquant.format import RotQuantSpec  # noqa: E402
 from vllm_rotquant.testing.ckpt_factory import build_tiny_checkpoint, write_random_rotquant  # noqa: E402
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _engine_env():
-    """For this module's engines only (set at import, it would leak into every test collected with
-    it): spawn the engine core, since this process builds checkpoints with multi-threaded torch
-    first and a forked child would deadlock on the OpenMP pool (tests/test_fork_safety.py); and R3
-    in the served graph even with the bf16 KV cache."""
-    with pytest.MonkeyPatch.context() as mp:
-        for name, value in (("VLLM_WORKER_MULTIPROC_METHOD", "spawn"), ("ROTQUANT_R3", "on")):
-            if name not in os.environ:
-                mp.setenv(name, value)
-        yield
 
 
 TOKENS = 256
