@@ -131,15 +131,31 @@ class RotQuantKernel(abc.ABC):
         both = all_gather(torch.cat([vmax, vmin], dim=-1), -1)  # [M, 2 * tp]: (max, min) per rank
         return self.quantize(y, both[:, 0::2].amax(dim=-1, keepdim=True), both[:, 1::2].amin(dim=-1, keepdim=True))
 
+    def prepare_dequantized(self, w_packed: torch.Tensor, w_scale: torch.Tensor) -> dict[str, torch.Tensor]:
+        """W4A16 (act_bits 16, no activation quantizer): the weight de-quantized once, at load."""
+        from vllm_rotquant.format import unpack_int4
+
+        return {"w_dequant": ref.dequant_weight_ref(unpack_int4(w_packed), w_scale.float(), self.spec.act_dtype)}
+
+    def rotate_as_input(self, x2: torch.Tensor) -> torch.Tensor:
+        """The online block Hadamard of x2 in x2's dtype (W4A16's input); kernels serving W4A16
+        with R4 implement it."""
+        raise NotImplementedError(f"{self.name}.rotate_as_input")
+
     def apply(self, x: torch.Tensor, weights: dict[str, torch.Tensor], bias: torch.Tensor | None = None,
               all_gather: Callable | None = None) -> torch.Tensor:
-        """The whole linear: x [..., K] -> [..., N] in x's dtype."""
+        """The whole linear: x [..., K] -> [..., N] in x's dtype. W4A16: the rotated input times
+        the de-quantized weight (`prepare_dequantized`), as ops.rotquant_linear."""
         k, n = self.spec.in_features, self.spec.out_features
         if x.shape[-1] != k:
             raise ValueError(f"rotquant linear: input has {x.shape[-1]} features, weight expects {k}")
         lead = x.shape[:-1]
-        q, s, z = self.quantize_input(x.reshape(-1, k), all_gather)
-        out = self.gemm(q, s, z, weights, x.dtype)
+        x2 = x.reshape(-1, k)
+        if self.spec.act_bits >= 16:
+            out = (self.rotate_as_input(x2) if self.spec.hadamard_block else x2) @ weights["w_dequant"].T
+        else:
+            q, s, z = self.quantize_input(x2, all_gather)
+            out = self.gemm(q, s, z, weights, x.dtype)
         if bias is not None:
             out = out + bias
         return out.reshape(*lead, n)

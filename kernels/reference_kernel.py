@@ -8,7 +8,6 @@ import torch
 
 from vllm_rotquant.format import unpack_int4
 from vllm_rotquant.kernels import ops
-from vllm_rotquant.kernels import reference as ref
 from vllm_rotquant.kernels.hadamard import hadamard_supported
 from vllm_rotquant.kernels.linear_kernel import LinearSpec, RotQuantKernel
 
@@ -25,10 +24,10 @@ class ReferenceKernel(RotQuantKernel):
         return None
 
     def prepare(self, w_packed: torch.Tensor, w_scale: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.spec.act_bits >= 16:
+            return self.prepare_dequantized(w_packed, w_scale)
         w_int = unpack_int4(w_packed)
         sw = w_scale.float().contiguous()
-        if self.spec.act_bits >= 16:  # W4A16: the de-quantized weight, made once
-            return {"w_dequant": ref.dequant_weight_ref(w_int, sw, self.spec.act_dtype)}
         out = {"w_int": w_int, "w_scale": sw}
         if not self.spec.act_symmetric:
             out["w_sum"] = ops.weight_sums(w_int, sw.shape[1])
@@ -56,18 +55,8 @@ class ReferenceKernel(RotQuantKernel):
     def gemm(self, q, scale, zero, weights, out_dtype):
         return ops.w4a4_gemm(q, scale, weights["w_int"], weights["w_scale"], out_dtype, zero, weights.get("w_sum"))
 
-    def apply(self, x, weights, bias=None, all_gather=None):
-        if self.spec.act_bits < 16:
-            return super().apply(x, weights, bias, all_gather)
-        k = self.spec.in_features  # W4A16: as ops.rotquant_linear, with the weight de-quantized once
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, k)
-        if self.spec.hadamard_block:
-            x2 = ops.hadamard(x2, self.spec.hadamard_block)
-        out = x2 @ weights["w_dequant"].T
-        if bias is not None:
-            out = out + bias
-        return out.reshape(*lead, self.spec.out_features)
+    def rotate_as_input(self, x2):
+        return ops.hadamard(x2, self.spec.hadamard_block)
 
 
 KERNEL = ReferenceKernel

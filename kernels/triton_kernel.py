@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from vllm_rotquant.format import unpack_int4
 from vllm_rotquant.kernels import ops
-from vllm_rotquant.kernels import reference as ref
 from vllm_rotquant.kernels import triton_ops, triton_quant
 from vllm_rotquant.kernels.layout import gemm_group_supported, prepare_weight
 from vllm_rotquant.kernels.linear_kernel import LinearSpec, RotQuantKernel
@@ -40,8 +38,8 @@ class TritonKernel(RotQuantKernel):
         return None
 
     def prepare(self, w_packed: torch.Tensor, w_scale: torch.Tensor) -> dict[str, torch.Tensor]:
-        if self.spec.act_bits >= 16:  # W4A16 (an analysis mode): the de-quantized weight, made once, cuBLAS
-            return {"w_dequant": ref.dequant_weight_ref(unpack_int4(w_packed), w_scale.float(), self.spec.act_dtype)}
+        if self.spec.act_bits >= 16:  # W4A16 (an analysis mode): the de-quantized weight, cuBLAS
+            return self.prepare_dequantized(w_packed, w_scale)
         w = prepare_weight(w_packed)
         out = {"w_q": w, "w_scale": w_scale.float().contiguous()}
         if not self.spec.act_symmetric:
@@ -69,18 +67,8 @@ class TritonKernel(RotQuantKernel):
             return triton_ops.quantize_activations(x2, s.act_bits, s.clip, s.hadamard_block, s.act_symmetric)
         return super().quantize_input(x2, all_gather)
 
-    def apply(self, x, weights, bias=None, all_gather=None):
-        if self.spec.act_bits < 16:
-            return super().apply(x, weights, bias, all_gather)
-        k, block = self.spec.in_features, self.spec.hadamard_block  # W4A16: as ops.rotquant_linear
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, k)
-        if block:
-            x2 = triton_ops.hadamard(x2, block)
-        out = x2 @ weights["w_dequant"].T
-        if bias is not None:
-            out = out + bias
-        return out.reshape(*lead, self.spec.out_features)
+    def rotate_as_input(self, x2):
+        return triton_ops.hadamard(x2, self.spec.hadamard_block)
 
     def gemm(self, q, scale, zero, weights, out_dtype):
         return triton_ops.w4a4_gemm(q, scale, weights["w_q"], weights["w_scale"], out_dtype, zero, weights.get("w_sum"))

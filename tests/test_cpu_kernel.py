@@ -346,3 +346,19 @@ def test_native_quant_without_hadamard_is_the_reference(k, bits, dtype):
     q, s, z = torch.ops.rotquant.cpu_hadamard_quant_asym(x + 0.5, 0, 0.9, bits)
     q_ref, s_ref, z_ref = ref.quant_act_asym_ref(x + 0.5, 0.9, bits)
     assert torch.equal(q, q_ref) and torch.equal(s, s_ref) and torch.equal(z, z_ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("block", [None, 192])
+@pytest.mark.parametrize("group", [None, 32])
+def test_w4a16_on_the_reference_kernel_is_the_reference_linear(block, group, dtype):
+    """act_bits 16 (no activation quantizer; CpuInt8 refuses it): the weight de-quantized once at
+    load, the input rotated in its own dtype, as ops.rotquant_linear does it."""
+    k, n = 576, 40
+    gen = torch.Generator().manual_seed(11)
+    w, sw = _weights(n, k, k // group if group else 1, gen)
+    x = _acts(7, k, gen, dtype)
+    kern = ReferenceKernel(_spec(k, n, 16, True, group, block, dtype))
+    bias = torch.randn(n, generator=gen).to(dtype)
+    out = kern.apply(x, kern.prepare(pack_int4(w), sw), bias)
+    assert out.dtype == dtype and torch.equal(out, ops.rotquant_linear(x, w, sw, bias, 16, 0.9, block))
