@@ -56,7 +56,13 @@ def gptq_config(shape: str) -> dict:
     cfg = llama_config(shape)
     cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False,
                                   "sym": True, "damp_percent": 0.01, "static_groups": False,
-                                  "true_sequential": True}
+                                  "true_sequential": True,
+                                  # vLLM >= 0.24 (auto_gptq) otherwise reads the quantized layers from
+                                  # the safetensors' dtypes, and the dummy loader has none: every
+                                  # layer would stay bf16 (it did in the first run)
+                                  "modules_in_block_to_quantize": [
+                                      ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+                                      ["self_attn.o_proj"], ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]}
     return cfg
 
 
@@ -230,7 +236,10 @@ def run_one(variant: str, shape: str, args, work: Path) -> dict:
     kv = re.findall(r"KV cache size: ([\d,]+) tokens", text)
     if kv:
         out["kv_cache_tokens"] = int(kv[-1].replace(",", ""))
-    kernels = sorted(set(re.findall(r"Using (\w+Kernel) for (\w+)", text)))
+    loaded = re.findall(r"Model loading took ([\d.]+) GiB", text)
+    if loaded:  # a variant that silently stayed bf16 shows here
+        out["weights_gib"] = float(loaded[-1])
+    kernels = sorted(set(re.findall(r"(?:Using|Selected) (\w+Kernel) for (\w+)", text)))
     if kernels:
         out["kernels"] = [f"{k} ({m_})" for k, m_ in kernels]
     rq = re.findall(r"rotquant: kernel[^\n]*", text)
@@ -240,7 +249,7 @@ def run_one(variant: str, shape: str, args, work: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------- table
-COLUMNS = ("prefill_tok_s", "ttft_ms", "kv_cache_tokens", "startup_s")
+COLUMNS = ("prefill_tok_s", "ttft_ms", "kv_cache_tokens", "weights_gib", "startup_s")
 
 
 def table(rows: list[dict]) -> str:
@@ -254,8 +263,9 @@ def table(rows: list[dict]) -> str:
         lines.append("| variant | " + " | ".join(c.replace("_tok_s", "") for c in cols) + " |")
         lines.append("| --- |" + " ---: |" * len(cols))
         for r in group:
-            if "error" in r:
-                lines.append(f"| {r['variant']} | error: {r['error'][:200]} |")
+            if "error" in r or "invalid" in r:  # invalid: set by hand after a run (see the JSON)
+                lines.append(f"| {r['variant']} | {'error' if 'error' in r else 'invalid'}: "
+                             f"{r.get('error', r.get('invalid'))[:200]} |")
                 continue
             cells = []
             for c in cols:

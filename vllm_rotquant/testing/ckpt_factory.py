@@ -190,13 +190,16 @@ def write_random_rotquant(folder: Path, shape: str, tp_sizes: tuple[int, ...] | 
 
 # ----------------------------------------------------------------------------- reference
 @torch.no_grad()
-def reference_logprobs(ckpt: str | Path, token_ids: list[int], dtype: torch.dtype = torch.bfloat16) -> list[float]:
+@torch.no_grad()
+def reference_logprobs(ckpt: str | Path, token_ids: list[int], dtype: torch.dtype = torch.bfloat16,
+                       device: str = "cpu") -> list[float]:
     """log p(token_i | tokens_<i) for i >= 1 under the offline simulation of the checkpoint
-    (`rotquant eval`'s model: every projection through `rotquant_linear`, R3 and R4 online)."""
+    (`rotquant eval`'s model: every projection through `rotquant_linear`, R3 and R4 online); on
+    the CPU the reference ops, on CUDA the Triton kernels vLLM serves with."""
     from vllm_rotquant.offline.simulate import load_simulated
 
-    model = load_simulated(ckpt, dtype)
-    ids = torch.tensor([token_ids])
+    model = load_simulated(ckpt, dtype).to(device)
+    ids = torch.tensor([token_ids], device=device)
     logits = model(input_ids=ids, use_cache=False).logits.float()[0, :-1]
     lp = torch.log_softmax(logits, dim=-1)
     return lp.gather(1, ids[0, 1:, None])[:, 0].tolist()
