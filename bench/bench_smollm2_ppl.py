@@ -58,6 +58,7 @@ ROWS = {
     "W4A8 hadamard+GPTQ served": ("hadamard", "gptq", 8, None, SERVED),
     "W4A4 dartquant+GPTQ served": ("dartquant", "gptq", 4, None, SERVED),
     "W4A8 dartquant+GPTQ served": ("dartquant", "gptq", 8, None, SERVED),
+    "W4A4 hadamard+GPTQ served asym": ("hadamard", "gptq", 4, None, SERVED),
     "W4A4 hadamard+GPTQ g32 served": ("hadamard", "gptq", 4, None, {**SERVED, "group_size": 32}),
     "W4A8 hadamard+GPTQ g32 served": ("hadamard", "gptq", 8, None, {**SERVED, "group_size": 32}),
     "W4A8 hadamard+GPTQ g32": ("hadamard", "gptq", 8, None, {"group_size": 32}),
