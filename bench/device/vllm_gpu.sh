@@ -19,6 +19,8 @@
 #   collect  waits up to WAIT_S for the bench, then returns its JSON/markdown/logs
 # Everything lives in /tmp/rq while the machine stays warm; each step copies its results to $OUT.
 # Each call re-copies the working tree, so a background job that outlives its call may see files change.
+# Partial re-runs: the engine step alone needs offline (x staged) and v staged; `VARIANTS="gptq"
+# STEP=bench` needs v staged only (no ckpts step).
 source "$(dirname "$0")/setup.sh"
 W=/tmp/rq; mkdir -p "$W"
 export PYTHONPATH=/tmp/stage/extra/site${PYTHONPATH:+:$PYTHONPATH}
@@ -68,7 +70,8 @@ engine)
 bench)
     # leftovers of the engine step (an engine core outlives a timed-out pytest) hold GPU memory
     nvidia-smi --query-compute-apps=pid --format=csv,noheader | xargs -r kill -9 2>/dev/null; sleep 2
-    for i in $(seq 120); do grep -q "ckpts done" $W/ckpts.log 2>/dev/null && break; sleep 2; done
+    case " ${VARIANTS:-w4a4} " in *" w4a"*)  # the rotquant rows read the checkpoints of the ckpts step
+        for i in $(seq 120); do grep -q "ckpts done" $W/ckpts.log 2>/dev/null && break; sleep 2; done ;; esac
     # the next call re-copies the working tree over this one: run from a snapshot of it
     rm -rf $W/src && mkdir -p $W/src && cp -a vllm_rotquant bench $W/src/ && cp -a offline kernels $W/src/vllm_rotquant/
     cd $W/src && export PYTHONPATH=$W/src:$PYTHONPATH
