@@ -12,10 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from vllm_rotquant.testing.ckpt_factory import load_dequantized_weights
 from vllm_rotquant.testing.hf_factory import ARCHS, build_hf_model, build_hf_module
 from vllm_rotquant import format as fmt
-from vllm_rotquant.format import unpack_int4
-from vllm_rotquant.kernels.reference import dequant_weight_ref
 from vllm_rotquant.offline import pipeline, rotate
 from vllm_rotquant.offline.arch import LLAMA, MAPPINGS, arch_of
 from vllm_rotquant.offline.options import QuantizeOptions, default_tp_sizes
@@ -120,12 +119,7 @@ def test_qwen3_end_to_end_in_memory(tmp_path, monkeypatch):
 
     rotate.fold_norms(reference)
     apply_rotations(reference, Rotations.hadamard(reference.config, 0, r4_block=spec.down_proj_block), online=True)
-    arch = arch_of(reference)
-    for i, layer in enumerate(arch.decoder_layers(reference)):
-        for name, lin in arch.quantized_linears(layer):
-            stem = f"{arch.layer_prefix(i)}.{name}"
-            lin.weight.data = dequant_weight_ref(unpack_int4(tensors[f"{stem}.weight_packed"]),
-                                                 tensors[f"{stem}.weight_scale"]).float()
+    load_dequantized_weights(reference, tensors)
     for name, p in reference.named_parameters():
         if not name.endswith(("_proj.weight",)):
             p.data = tensors[name].float()

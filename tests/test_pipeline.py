@@ -6,8 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from vllm_rotquant.testing.ckpt_factory import load_dequantized_weights
 from vllm_rotquant.testing.hf_factory import build_hf_model
-from vllm_rotquant.format import CheckpointError, RotQuantSpec, unpack_int4
+from vllm_rotquant.format import CheckpointError, RotQuantSpec
 from vllm_rotquant.offline import cli, pipeline, rotate
 from vllm_rotquant.offline.arch import arch_of
 from vllm_rotquant.offline.model_io import load_hf_model
@@ -62,12 +63,7 @@ def test_simulation_reproduces_dequantized_model(src, tmp_path, calib_file, weig
     model = load_hf_model(src)
     rotate.fold_norms(model)
     apply_rotations(model, Rotations.hadamard(model.config, seed=0, r4_block=spec.down_proj_block), online=True)
-    arch = arch_of(model)
-    for i, layer in enumerate(arch.decoder_layers(model)):
-        for name, lin in arch.quantized_linears(layer):
-            stem = f"model.layers.{i}.{name}"
-            lin.weight.data = dequantize(unpack_int4(tensors[f"{stem}.weight_packed"]),
-                                         tensors[f"{stem}.weight_scale"]).float()
+    load_dequantized_weights(model, tensors)
     model.model.embed_tokens.weight.data = tensors["model.embed_tokens.weight"].float()
     model.lm_head.weight.data = tensors["lm_head.weight"].float()
     for n, p in model.named_parameters():

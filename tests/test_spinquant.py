@@ -7,11 +7,10 @@ import json
 import pytest
 import torch
 
+from vllm_rotquant.testing.ckpt_factory import load_dequantized_weights
 from vllm_rotquant.testing.hf_factory import build_hf_model, build_hf_module
-from vllm_rotquant.format import unpack_int4
-from vllm_rotquant.kernels.reference import dequant_weight_ref, fake_quant_act
+from vllm_rotquant.kernels.reference import fake_quant_act
 from vllm_rotquant.offline import cli, pipeline, quantize, spinquant
-from vllm_rotquant.offline.arch import arch_of
 from vllm_rotquant.offline.model_io import load_hf_model
 from vllm_rotquant.offline.options import QuantizeOptions, SpinQuantOptions
 from vllm_rotquant.offline.pipeline import plan_r4_block
@@ -167,13 +166,8 @@ def test_pipeline_absorbs_the_learned_rotations_and_the_simulation_serves_them(t
                               copy_from=src)
     sim = load_simulated(out, torch.float32)
     apply_rotations(ref, learned, online=True)
-    arch = arch_of(ref)
-    for i, layer in enumerate(arch.decoder_layers(ref)):
-        for name, lin in arch.quantized_linears(layer):
-            stem = f"model.layers.{i}.{name}"
-            lin.weight.data = dequant_weight_ref(unpack_int4(tensors[f"{stem}.weight_packed"]),
-                                                 tensors[f"{stem}.weight_scale"]).float()
-            lin.register_forward_pre_hook(quantize.ServedActivations(0.8, 4))
+    for lin in load_dequantized_weights(ref, tensors):
+        lin.register_forward_pre_hook(quantize.ServedActivations(0.8, 4))
     for n, p in ref.named_parameters():
         if n in tensors and not n.endswith("proj.weight"):
             p.data = tensors[n].float()

@@ -203,3 +203,22 @@ def reference_logprobs(ckpt: str | Path, token_ids: list[int], dtype: torch.dtyp
     logits = model(input_ids=ids, use_cache=False).logits.float()[0, :-1]
     lp = torch.log_softmax(logits, dim=-1)
     return lp.gather(1, ids[0, 1:, None])[:, 0].tolist()
+
+
+@torch.no_grad()
+def load_dequantized_weights(model, tensors: dict[str, torch.Tensor]) -> list:
+    """Put the checkpoint's INT4 weights, de-quantized, into the fp model's quantized linears (the
+    rotated fp model with the stored weights: what the served arithmetic equals up to activation
+    quantization). Returns those linears."""
+    from vllm_rotquant.format import unpack_int4
+    from vllm_rotquant.kernels.reference import dequant_weight_ref
+    from vllm_rotquant.offline.arch import arch_of
+
+    arch, linears = arch_of(model), []
+    for i, layer in enumerate(arch.decoder_layers(model)):
+        for name, lin in arch.quantized_linears(layer):
+            stem = f"{arch.layer_prefix(i)}.{name}"
+            lin.weight.data = dequant_weight_ref(unpack_int4(tensors[f"{stem}.{PACKED_SUFFIX}"]),
+                                                 tensors[f"{stem}.{SCALE_SUFFIX}"]).float()
+            linears.append(lin)
+    return linears
