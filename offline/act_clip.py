@@ -103,7 +103,7 @@ def search(checkpoint: str | Path, windows: torch.Tensor, device: str = "cpu",
         return nll
 
     best, scores = descend(loss)
-    del model
+    model = linears = None  # free it before emptying the CUDA cache
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
     return best, scores
