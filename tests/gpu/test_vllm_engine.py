@@ -21,20 +21,13 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import shutil
-
 
 import pytest
 import torch
 
 pytest.importorskip("vllm")
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("vllm_engine_env")]
-# vLLM's Triton attention multiplies float32 q/k/v in TF32 by Triton's default (1e-3 relative),
-# which flips 4-bit activations downstream: measured on the H200, served vs simulation median
-# 8e-2 nat at A4. IEEE float32 dots (Triton's knob, inherited by the engine's processes) compare
-# like with like; the quantized GEMMs are integer dots and do not see it.
-os.environ["TRITON_F32_DEFAULT"] = "ieee"
 
 from vllm_rotquant.testing.ckpt_factory import build_tiny_checkpoint, reference_logprobs  # noqa: E402
 from vllm_rotquant.format import RotQuantSpec  # noqa: E402
