@@ -55,6 +55,9 @@ ROWS = {
     "W4A8 hadamard+GPTQ asym": ("hadamard", "gptq", 8, "W4A4 hadamard+GPTQ"),
     "W4A8 dartquant+GPTQ asym": ("dartquant", "gptq", 8, "W4A4 dartquant+GPTQ"),
     "W4A4 hadamard+GPTQ served": ("hadamard", "gptq", 4, None, SERVED),
+    # the MLP input (gate/up), the most sensitive kind (bench/probe_act_quant.py kind-bits), at 8 bits
+    "W4A4 hadamard+GPTQ served gate_up A8": ("hadamard", "gptq", 4, None,
+                                             {**SERVED, "act_overrides": (("gate_up", 8, 1.0),)}),
     "W4A8 hadamard+GPTQ served": ("hadamard", "gptq", 8, None, SERVED),
     "W4A4 dartquant+GPTQ served": ("dartquant", "gptq", 4, None, SERVED),
     "W4A8 dartquant+GPTQ served": ("dartquant", "gptq", 8, None, SERVED),

@@ -6,12 +6,18 @@ candidates that were measured and not kept; bench/RESULTS.md "Four candidates th
     kind-clip CKPT         one clip per input kind (qkv / o / gate_up / down), coordinate descent on
                            the calibration loss (act_clip.descend from the checkpoint's clip, 2 sweeps);
                            prints the clips and both evaluation texts against the global clip
+    kind-bits CKPT KIND... 8-bit activations (clip 1.0, the W4A8 twin's) for the linears of the
+                           named input kinds (qkv / o / gate_up / down, or all), the checkpoint's
+                           4 bits and clip for the rest; both evaluation texts per choice. The
+                           weights stay fitted to 4-bit inputs (GPTQ on served inputs), so a
+                           re-quantized checkpoint would do slightly better
     smooth SRC OUT ALPHA   SmoothQuant at the down_proj input of the HF model SRC (diag(1/s) into
                            up_proj rows, diag(s) into down_proj columns; function-preserving), saved to
                            OUT for `rotquant quantize OUT ...`
 
     python bench/probe_act_quant.py mixed-bits runs/table/w4a4-hadamard-gptq-served 8 6 5 4
     python bench/probe_act_quant.py kind-clip runs/table/w4a4-hadamard-gptq-served
+    python bench/probe_act_quant.py kind-bits runs/table/w4a4-hadamard-gptq-served qkv o gate_up down all
     python bench/probe_act_quant.py smooth models/smollm2 runs/smollm2-smooth05 0.5
 """
 from __future__ import annotations
@@ -134,9 +140,27 @@ def smooth(src: str, out: str, alpha: float, calib_tokens: int = 16384) -> None:
     print(json.dumps({"out": out, "alpha": alpha, "fp_logit_change": change}), flush=True)
 
 
+@torch.no_grad()
+def kind_bits(ckpt: str, kinds: list[str], seq_len: int, windows: int) -> None:
+    from vllm_rotquant.offline.simulate import SimQuantLinear, load_simulated
+
+    tok = load_tokenizer(ckpt)
+    model = load_simulated(ckpt, torch.bfloat16)
+    lins = [(KIND[n.rsplit(".", 1)[-1]], m) for n, m in model.named_modules() if isinstance(m, SimQuantLinear)]
+    bits, clip = lins[0][1].act_bits, lins[0][1].clip
+    texts = {t: data.eval_windows(data.tokenize(tok, data.load_text(t)), seq_len, windows)
+             for t in ("austen", "brown-heldout")}
+    for choice in ["none", *kinds]:
+        for kind, m in lins:
+            wide = choice == "all" or kind == choice
+            m.act_bits, m.clip = (8, 1.0) if wide else (bits, clip)
+        ppl = {t: round(perplexity(model, w, 4, "cpu", progress=False)["ppl"], 3) for t, w in texts.items()}
+        print(json.dumps({"8-bit kind": choice, **ppl}), flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("probe", choices=["mixed-bits", "kind-clip", "smooth"])
+    p.add_argument("probe", choices=["mixed-bits", "kind-clip", "kind-bits", "smooth"])
     p.add_argument("args", nargs="+")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--windows", type=int, default=16)
@@ -146,6 +170,8 @@ def main() -> None:
         mixed_bits(a.args[0], [float(t) for t in a.args[1:]], a.seq_len, a.windows)
     elif a.probe == "kind-clip":
         kind_clip(a.args[0], a.seq_len, a.windows)
+    elif a.probe == "kind-bits":
+        kind_bits(a.args[0], a.args[1:], a.seq_len, a.windows)
     else:
         smooth(a.args[0], a.args[1], float(a.args[2]))
 

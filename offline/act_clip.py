@@ -90,7 +90,8 @@ def search(checkpoint: str | Path, windows: torch.Tensor, device: str = "cpu",
     from vllm_rotquant.offline.simulate import SimQuantLinear, load_simulated
 
     model = load_simulated(checkpoint, dtype).to(device)
-    linears = [m for m in model.modules() if isinstance(m, SimQuantLinear)]
+    # the linears at the checkpoint's act_bits / act_clip_ratio (act_overrides keep their own clip)
+    linears = [m for m in model.modules() if isinstance(m, SimQuantLinear) and m.clip_searched]
     if not linears:
         raise CheckpointError(f"{checkpoint}: no quantized linears to tune the activation clip of")
 
@@ -154,7 +155,7 @@ def search_unquantized_weights(model, windows: torch.Tensor, rotations, options)
     def loss(clip: float) -> float:
         nll = quantized_nll(model, win, rotations, weight_bits=None, act_bits=options.act_bits, clip=clip,
                             act_symmetric=options.act_symmetric, device=options.device,
-                            batch_size=options.batch_size)
+                            batch_size=options.batch_size, act_overrides=options.act_overrides)
         log.info("activation clip %.2f, unquantized weights: calibration NLL %.4f", clip, nll)
         return nll
 

@@ -84,6 +84,8 @@ def evaluate(model_dir: str | Path, text: str, seq_len: int = 512, windows: int 
     spec = getattr(model, "rotquant_spec", None)
     result.update(model=str(model_dir), data=text, dtype=str(dtype).split(".")[-1],
                   quantization=None if spec is None else {"rotation": spec.rotation, "act_bits": spec.act_bits,
+                                                          **({"act_overrides": spec.to_dict()["act_overrides"]}
+                                                             if spec.act_overrides else {}),
                                                           "weight_bits": spec.weight_bits,
                                                           "method": spec.calibration.get("method")})
     return result

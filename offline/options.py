@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from vllm_rotquant.format import ROTATIONS, SUPPORTED_ACT_BITS, SUPPORTED_WEIGHT_BITS
+from vllm_rotquant.format import INPUT_KINDS, ROTATIONS, SUPPORTED_ACT_BITS, SUPPORTED_WEIGHT_BITS, input_kind
 from vllm_rotquant.kernels.hadamard import hadamard_supported
 from vllm_rotquant.kernels.layout import gemm_group_supported
 from vllm_rotquant.offline.act_clip import START as CLIP_START
@@ -250,6 +250,8 @@ class QuantizeOptions:
     group_size: int | None = None  # None: one scale per output channel
     act_clip_ratio: float | str = "auto"  # a ratio in (0, 1], or "auto": searched on calibration text (act_clip.py)
     act_symmetric: bool = True  # False: per-token asymmetric (zero point), as DartQuant's scripts
+    # ((input kind, bits, clip), ...): those inputs quantized otherwise (RotQuantSpec.act_overrides)
+    act_overrides: tuple[tuple[str, int, float], ...] = ()
     calib: str = "brown"  # calibration text: a file or a corpus name (offline/data.py)
     calib_tokens: int = 128 * 2048
     calib_seq_len: int = 2048
@@ -274,6 +276,15 @@ class QuantizeOptions:
             set_("tp_sizes", tuple(self.tp_sizes))
         if not isinstance(self.calib, str):
             set_("calib", str(self.calib))
+        set_("act_overrides", tuple(tuple(o) for o in self.act_overrides))
+        kinds = [o[0] for o in self.act_overrides]
+        for o in self.act_overrides:
+            if len(o) != 3 or o[0] not in INPUT_KINDS or o[1] not in SUPPORTED_ACT_BITS or not _is_int(o[1]) \
+                    or not _is_number(o[2]) or not 0 < o[2] <= 1:
+                raise ValueError(f"--act-override {o!r}: expected KIND=BITS[:CLIP] with KIND one of "
+                                 f"{', '.join(INPUT_KINDS)}, BITS one of {SUPPORTED_ACT_BITS}, CLIP in (0, 1]")
+        if len(set(kinds)) != len(kinds):
+            raise ValueError(f"--act-override: an input kind given twice ({', '.join(kinds)})")
         if self.rotation not in ROTATIONS:
             raise ValueError(f"--rotation {self.rotation!r}: expected one of {', '.join(ROTATIONS)}")
         if self.weights not in WEIGHT_QUANTIZERS:
@@ -313,6 +324,14 @@ class QuantizeOptions:
                              f"--weights {self.weights} use one start (GPTQ corrects the rounding itself)")
 
     # ------------------------------------------------------------------ derived
+    def act_for(self, module: str, clip: float) -> tuple[int, float]:
+        """(bits, clip) of the activation quantizer in front of `module`: its --act-override, else
+        --act-bits at `clip` (the global clip of the moment: given, or being searched)."""
+        if not self.act_overrides:
+            return self.act_bits, clip
+        kind = input_kind(module)
+        return next(((b, c) for k, b, c in self.act_overrides if k == kind), (self.act_bits, clip))
+
     @property
     def tune_clip(self) -> bool:
         """The clip is searched on the written checkpoint (nothing to search at 16 bits)."""

@@ -119,7 +119,7 @@ def dartquant_rotations(model, windows: torch.Tensor, r4_block: int, r3_block: i
                                             weight_bits=opts.weight_bits, group_size=opts.group_size,
                                             act_bits=opts.act_bits, clip=opts.initial_clip,
                                             act_symmetric=opts.act_symmetric, device=opts.device,
-                                            batch_size=opts.batch_size)
+                                            batch_size=opts.batch_size, act_overrides=opts.act_overrides)
               for cand in tqdm(cands, desc="score rotations", unit="start")]
     best = min(range(len(scores)), key=scores.__getitem__)
     seconds = time.time() - t0
@@ -256,7 +256,7 @@ def quantize_model(model, tokenizer, options: QuantizeOptions = QuantizeOptions(
     spec = RotQuantSpec(
         weight_bits=opts.weight_bits, group_size=opts.group_size, act_bits=opts.act_bits,
         act_clip_ratio=opts.initial_clip, act_symmetric=opts.act_symmetric, rotation=opts.rotation, seed=opts.seed,
-        down_proj_block=rotations.r4_block, qk_block=rotations.r3_block, tp_sizes=tp_sizes,
+        act_overrides=opts.act_overrides, down_proj_block=rotations.r4_block, qk_block=rotations.r3_block, tp_sizes=tp_sizes,
         calibration={
             "method": opts.weights, "data": opts.calib if opts.needs_calibration else None,
             "tokens": int(windows.numel()) if windows is not None else 0, "seq_len": opts.calib_seq_len,
@@ -361,15 +361,16 @@ def _quantize_gptq(model, arch: ArchMapping, windows: torch.Tensor, opts: Quanti
         acts, handles = {}, []
         if served:  # registered after the online R4 hook: the served model rotates, then quantizes
             for path, lin in arch.quantized_linears(layer):
-                acts[path] = quantize.ServedActivations(served_clip, opts.act_bits, opts.act_symmetric)
+                bits, clip = opts.act_for(path, served_clip)
+                acts[path] = quantize.ServedActivations(clip, bits, opts.act_symmetric)
                 handles.append(lin.register_forward_pre_hook(acts[path]))
         try:
             for group in arch.sequential_groups:
                 mods = {path: arch.get(layer, path) for path in group}
                 first = mods[group[0]]  # the modules of a group read the same input: one Hessian
                 if served:
-                    acc = quantize.ServedInputAccumulator(first.in_features, device, served_clip, opts.act_bits,
-                                                          opts.act_symmetric)
+                    bits, clip = opts.act_for(group[0], served_clip)
+                    acc = quantize.ServedInputAccumulator(first.in_features, device, clip, bits, opts.act_symmetric)
                     acts[group[0]].enabled = False  # the accumulator sees the raw input and quantizes it
                 else:
                     acc = quantize.HessianAccumulator(first.in_features, device)

@@ -23,6 +23,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
+from vllm_rotquant.format import input_kind
 from vllm_rotquant.kernels.reference import dequant_weight_ref, fake_quant_act
 from vllm_rotquant.offline import calibrate, quantize
 from vllm_rotquant.offline.arch import ArchMapping, arch_of
@@ -37,24 +38,27 @@ def _fake_quant_hook(clip: float, bits: int, symmetric: bool = True):
 
 def _quantized_layer(layer, index: int, rotations: Rotations, arch: ArchMapping, device: torch.device,
                      weight_bits: int | None, group_size: int | None, act_bits: int, clip: float,
-                     act_symmetric: bool = True):
+                     act_symmetric: bool = True, act_overrides: tuple = ()):
     """A rotated, quantized copy of decoder layer `index` on `device`, with its activation hooks
-    installed (the online R4 first: it runs before down_proj's quantizer)."""
+    installed (the online R4 first: it runs before down_proj's quantizer); `act_overrides`:
+    ((input kind, bits, clip), ...) as RotQuantSpec's."""
     q = copy.deepcopy(layer).to(device)
     apply_layer_rotations(q, rotations, index, arch, device, online=True)
-    for _, lin in arch.quantized_linears(q):
+    for path, lin in arch.quantized_linears(q):
         if weight_bits is not None:
             w, s = quantize.rtn(lin.weight.data, weight_bits, group_size)
             lin.weight.data = dequant_weight_ref(w, s, lin.weight.dtype)
-        if act_bits < 16:
-            lin.register_forward_pre_hook(_fake_quant_hook(clip, act_bits, act_symmetric))
+        bits, c = next(((b, c) for k, b, c in act_overrides if k == input_kind(path)), (act_bits, clip)) \
+            if act_overrides else (act_bits, clip)
+        if bits < 16:
+            lin.register_forward_pre_hook(_fake_quant_hook(c, bits, act_symmetric))
     return q
 
 
 @torch.no_grad()
 def quantized_nll(model, windows: torch.Tensor, rotations: Rotations, *, weight_bits: int | None = 4,
                   group_size: int | None = None, act_bits: int = 4, clip: float = 0.9, act_symmetric: bool = True,
-                  device: str | torch.device = "cpu", batch_size: int = 4) -> float:
+                  device: str | torch.device = "cpu", batch_size: int = 4, act_overrides: tuple = ()) -> float:
     """Mean next-token NLL on `windows` [n, T] of `model` (folded, unrotated, fp32, on the CPU;
     left unchanged) rotated by `rotations` (R1, R2, R4 with its online twin) with RTN
     `weight_bits` weights (None: full precision) and per-token `act_bits` activations (16: full
@@ -67,7 +71,8 @@ def quantized_nll(model, windows: torch.Tensor, rotations: Rotations, *, weight_
         hidden = inputs.hidden
         inputs.hidden = (hidden.to(device).double() @ rot.r1).float().to(hidden.device)  # embeddings E R1
     for i, layer in enumerate(arch.decoder_layers(model)):
-        q = _quantized_layer(layer, i, rot, arch, device, weight_bits, group_size, act_bits, clip, act_symmetric)
+        q = _quantized_layer(layer, i, rot, arch, device, weight_bits, group_size, act_bits, clip, act_symmetric,
+                             act_overrides)
         inputs.hidden = calibrate.run_layer(q, inputs)
         del q
     norm = copy.deepcopy(arch.get(model, arch.final_norm)).to(device)

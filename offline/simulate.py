@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vllm_rotquant.format import (PACKED_SUFFIX, QUANTIZED_PROJECTIONS, SCALE_SUFFIX, CheckpointError,
+from vllm_rotquant.format import (PACKED_SUFFIX, QUANTIZED_PROJECTIONS, SCALE_SUFFIX, CheckpointError, input_kind,
                                   RotQuantSpec, load_checkpoint, unpack_int4)
 from vllm_rotquant.format import is_rotquant_checkpoint  # noqa: F401  (the CLI imports it from here)
 from vllm_rotquant.kernels import ops
@@ -37,7 +37,7 @@ class SimQuantLinear(nn.Module):
         self.register_buffer("bias", bias)
         self.register_buffer("w_sum", None if act_symmetric else ops.weight_sums(w_int, scale.shape[1]))
         self.act_bits, self.clip, self.hadamard_block = act_bits, clip, hadamard_block
-        self.act_symmetric = act_symmetric
+        self.act_symmetric, self.clip_searched = act_symmetric, True
         self.out_features, self.in_features = w_int.shape
         self._prepared: dict[tuple[str, torch.device], dict[str, torch.Tensor]] = {}
 
@@ -124,11 +124,13 @@ def _install_quant_linears(model, spec: RotQuantSpec, tensors: dict[str, torch.T
                     continue
                 prefix = f"model.layers.{i}.{parent}.{name}"
                 bias = tensors.get(f"{prefix}.bias")
+                bits, clip = spec.act_for(name)
                 lin = SimQuantLinear(
                     unpack_int4(tensors[f"{prefix}.{PACKED_SUFFIX}"]), tensors[f"{prefix}.{SCALE_SUFFIX}"],
-                    None if bias is None else bias.to(dtype),
-                    spec.act_bits, spec.act_clip_ratio,
+                    None if bias is None else bias.to(dtype), bits, clip,
                     spec.down_proj_block if name == "down_proj" else None, spec.act_symmetric)
+                # act_clip.search tunes the global clip only, not an act_overrides one
+                lin.clip_searched = input_kind(name) not in {k for k, _, _ in spec.act_overrides}
                 setattr(owner, name, lin)
                 names.add(prefix)
     return names

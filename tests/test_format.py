@@ -40,6 +40,23 @@ def test_spec_round_trip():
     spec = RotQuantSpec(group_size=32, act_bits=8, act_symmetric=False, down_proj_block=192, qk_block=64,
                         tp_sizes=(1, 2, 4), calibration={"method": "gptq"})
     assert RotQuantSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    assert "act_overrides" not in spec.to_dict()  # absent unless used: older readers see the same config
+
+
+def test_act_overrides_round_trip_and_lookup():
+    spec = RotQuantSpec(act_bits=4, act_clip_ratio=0.75, act_overrides=(("gate_up", 8, 1.0), ("o", 16, 1.0)))
+    d = json.loads(json.dumps(spec.to_dict()))
+    assert d["act_overrides"] == {"gate_up": {"act_bits": 8, "act_clip_ratio": 1.0},
+                                  "o": {"act_bits": 16, "act_clip_ratio": 1.0}}
+    assert RotQuantSpec.from_dict(d) == spec
+    # checkpoint names, vLLM's fused names and dotted paths all find their kind
+    for module, want in [("gate_proj", (8, 1.0)), ("model.layers.3.mlp.gate_up_proj", (8, 1.0)),
+                         ("mlp.up_proj", (8, 1.0)), ("self_attn.o_proj", (16, 1.0)),
+                         ("model.layers.0.self_attn.qkv_proj", (4, 0.75)), ("down_proj", (4, 0.75))]:
+        assert spec.act_for(module) == want, module
+    assert spec.describe_acts() == "A4, gate_up A8, o A16"
+    with pytest.raises(CheckpointError, match="'lm_head' is not a quantized projection"):
+        spec.act_for("lm_head")
 
 
 @pytest.mark.parametrize("over, match", [
@@ -52,6 +69,12 @@ def test_spec_round_trip():
     ({"group_size": 3}, "group_size"),
     ({"online_hadamard": {"down_proj": {"block": 172}}}, "no Hadamard matrix of order 172"),
     ({"act_symmetric": "no"}, "act_symmetric: expected bool"),
+    ({"act_overrides": {"mlp": {"act_bits": 8, "act_clip_ratio": 1.0}}}, "act_overrides.mlp: unknown input kind"),
+    ({"act_overrides": {"gate_up": {"act_bits": 6, "act_clip_ratio": 1.0}}}, r"act_overrides.gate_up.act_bits: unsupported 6"),
+    ({"act_overrides": {"gate_up": {"act_bits": 8, "act_clip_ratio": 0}}}, "act_overrides.gate_up.act_clip_ratio"),
+    ({"act_overrides": {"gate_up": {"act_bits": 8}}}, "act_overrides.gate_up: expected"),
+    ({"act_overrides": {"gate_up": 8}}, "act_overrides.gate_up: expected"),
+    ({"act_overrides": ["gate_up"]}, "act_overrides: expected dict"),
 ])
 def test_spec_errors_name_the_field(over, match):
     with pytest.raises(CheckpointError, match=match):

@@ -77,6 +77,10 @@ BAD = [
     ({"rotation": "dartquant", "weights": "gptq", "dartquant": {"starts": 2}}, "with --weights gptq use one start"),
     ({"gptq": {"damp": -0.1}}, "--gptq-damp -0.1"),
     ({"gptq": {"block": 0}}, "--gptq-block 0"),
+    ({"act_overrides": (("mlp", 8, 1.0),)}, "--act-override .'mlp', 8, 1.0.: expected KIND=BITS"),
+    ({"act_overrides": (("gate_up", 6, 1.0),)}, "--act-override .'gate_up', 6, 1.0.: expected"),
+    ({"act_overrides": (("gate_up", 8, 0.0),)}, "--act-override .'gate_up', 8, 0.0.: expected"),
+    ({"act_overrides": (("down", 8, 1.0), ("down", 4, 0.9))}, "--act-override: an input kind given twice"),
 ]
 
 
@@ -95,6 +99,15 @@ def test_good_values_are_kept_and_options_are_frozen():
     assert QuantizeOptions(device="cpu", weights="rtn", act_clip_ratio=0.9).needs_calibration is False
     assert QuantizeOptions(device="cpu", rotation="dartquant", weights="rtn").dartquant_starts == 4
     assert QuantizeOptions(device="cpu", rotation="dartquant").dartquant_starts == 1
+
+
+def test_act_override_flag_is_parsed_and_looked_up():
+    args = cli.build_parser().parse_args(["quantize", "m", "o", "--act-override", "gate_up=8",
+                                          "--act-override", "down=8:0.95"])
+    opts = cli.quantize_options(args).replace(device="cpu")
+    assert opts.act_overrides == (("gate_up", 8, 1.0), ("down", 8, 0.95))
+    assert opts.act_for("mlp.up_proj", 0.75) == (8, 1.0) and opts.act_for("mlp.down_proj", 0.75) == (8, 0.95)
+    assert opts.act_for("self_attn.q_proj", 0.75) == (4, 0.75)
 
 
 def test_cuda_is_checked_when_asked_for():
@@ -133,6 +146,7 @@ def test_cli_refuses_bad_options_in_one_line_before_loading(tmp_path, caplog, ca
     (["quantize", "m", "o", "--device", "tpu"], "argument --device: 'tpu': expected cpu, cuda or cuda:N"),
     (["quantize", "m", "o", "--act-clip", "2"], "argument --act-clip"),
     (["tune-clip", "m", "--calib-seq-len", "0"], "argument --calib-seq-len"),
+    (["quantize", "m", "o", "--act-override", "gate_up"], "argument --act-override: expected KIND=BITS[:CLIP]"),
 ])
 def test_argparse_refuses_bad_values(capsys, argv, match):
     # eval's --windows / --seq-len / --device are checked by evaluate() itself (tests/test_bad_input.py)

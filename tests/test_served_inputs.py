@@ -129,6 +129,33 @@ def test_served_inputs_change_the_weights_and_record_the_clip(src, calib_file, t
     assert auto.act_clip is not None and spec.act_clip_ratio == auto.act_clip["chosen"]
 
 
+def test_act_override_fits_those_weights_to_their_own_inputs(src, calib_file, tmp_path):
+    """`--act-override gate_up=8`: GPTQ fits gate/up to 8-bit inputs (other weights than at 4 bits),
+    the layers before them see the same stream (layer 0's q/k/v: the same INT4 values), the
+    checkpoint records the override, and the clip search tunes the global clip only."""
+    from safetensors.torch import load_file
+
+    from vllm_rotquant.offline.simulate import SimQuantLinear
+
+    over = (("gate_up", 8, 1.0),)
+    pipeline.quantize_checkpoint(src, tmp_path / "a4", _opts(calib_file))
+    pipeline.quantize_checkpoint(src, tmp_path / "mix", _opts(calib_file, act_overrides=over))
+    a, b = (load_file(tmp_path / n / "model.safetensors") for n in ("a4", "mix"))
+    for proj in ("q_proj", "k_proj", "v_proj"):
+        name = f"model.layers.0.self_attn.{proj}.weight_packed"
+        assert torch.equal(a[name], b[name]), name
+    for proj in ("gate_proj", "up_proj"):
+        name = f"model.layers.0.mlp.{proj}.weight_packed"
+        assert not torch.equal(a[name], b[name]), name
+    auto = pipeline.quantize_checkpoint(src, tmp_path / "auto", _opts(calib_file, act_clip_ratio="auto",
+                                                                      act_overrides=over))
+    model = load_simulated(tmp_path / "auto")
+    assert model.rotquant_spec.act_overrides == over and model.rotquant_spec.act_clip_ratio == auto.act_clip["chosen"]
+    got = {n.rsplit(".", 1)[-1]: (m.act_bits, m.clip) for n, m in model.named_modules() if isinstance(m, SimQuantLinear)}
+    assert got["gate_proj"] == got["up_proj"] == (8, 1.0)
+    assert got["q_proj"] == got["down_proj"] == (4, auto.act_clip["chosen"])
+
+
 def test_served_inputs_are_the_default():
     assert GPTQOptions().served_inputs and pipeline.served_clip_needed(QuantizeOptions(device="cpu"))
     assert not pipeline.served_clip_needed(QuantizeOptions(device="cpu", gptq={"served_inputs": False}))

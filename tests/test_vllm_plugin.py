@@ -205,6 +205,39 @@ def test_linear_method_on_vllm_layers_matches_reference(vllm_env, tiny_ckpt, dty
         assert torch.equal(qkv.rq_w_sum, wq.int().sum(1, keepdim=True))
 
 
+def test_act_overrides_reach_the_served_layers(vllm_env, tiny_ckpt):
+    """`act_overrides` by input kind: the fused gate_up linear quantizes its input at 8 bits and
+    clip 1.0, qkv keeps the checkpoint's A4 at 0.9 -- each bit-exact with the reference at its own width."""
+    from vllm.model_executor.layers.linear import MergedColumnParallelLinear, QKVParallelLinear
+
+    from vllm_rotquant.format import unpack_int4
+
+    qc = _config(act_overrides=(("gate_up", 8, 1.0),))
+    qc.packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+    t = _tiny_tensors(tiny_ckpt)
+    p = "model.layers.0"
+    qkv = QKVParallelLinear(128, 32, 4, 2, bias=False, quant_config=qc, prefix=f"{p}.self_attn.qkv_proj",
+                            params_dtype=torch.float32)
+    gu = MergedColumnParallelLinear(128, [256, 256], bias=False, quant_config=qc, prefix=f"{p}.mlp.gate_up_proj",
+                                    params_dtype=torch.float32)
+    _load(qkv, t, f"{p}.self_attn", {"q": "q_proj", "k": "k_proj", "v": "v_proj"})
+    _load(gu, t, f"{p}.mlp", {0: "gate_proj", 1: "up_proj"})
+    for layer in (qkv, gu):
+        layer.quant_method.process_weights_after_loading(layer)
+    assert (gu.quant_method.kernel.spec.act_bits, gu.quant_method.kernel.spec.clip) == (8, 1.0)
+    assert (qkv.quant_method.kernel.spec.act_bits, qkv.quant_method.kernel.spec.clip) == (4, 0.9)
+
+    def ref(x, names, bits, clip):
+        w = torch.cat([unpack_int4(t[f"{n}.weight_packed"]) for n in names])
+        return rotquant_linear(x, w, torch.cat([t[f"{n}.weight_scale"].float() for n in names]), None, bits, clip, None)
+
+    x = torch.randn(5, 128, generator=torch.Generator().manual_seed(0))
+    mlp = [f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"]
+    assert torch.equal(gu(x)[0], ref(x, mlp, 8, 1.0))
+    assert not torch.equal(gu(x)[0], ref(x, mlp, 4, 0.9))
+    assert torch.equal(qkv(x)[0], ref(x, [f"{p}.self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj")], 4, 0.9))
+
+
 def _down_layer(qc, t, dtype=torch.bfloat16):
     from vllm.model_executor.layers.linear import RowParallelLinear
 

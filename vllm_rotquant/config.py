@@ -141,8 +141,8 @@ class RotQuantConfig(QuantizationConfig):
         if hf_config is not None:  # vLLM's view of the config (it may carry --hf-overrides)
             self.spec.check_model_config(hf_config.to_dict(), source=f"{model_name}/config.json")
         sp = self.spec
-        log.info("rotquant: checkpoint %s validated in %.1f s (W%dA%d %s, rotation %s, group %s, R4 block %s, "
-                 "R3 block %s)", model_name, time.monotonic() - t0, sp.weight_bits, sp.act_bits,
+        log.info("rotquant: checkpoint %s validated in %.1f s (W%d%s %s, rotation %s, group %s, R4 block %s, "
+                 "R3 block %s)", model_name, time.monotonic() - t0, sp.weight_bits, sp.describe_acts(),
                  "symmetric" if sp.act_symmetric else "asymmetric", sp.rotation, sp.group_size,
                  sp.down_proj_block, sp.qk_block)
 

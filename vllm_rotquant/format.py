@@ -37,6 +37,20 @@ SCALE_SUFFIX = "weight_scale"
 ROTATIONS = ("none", "hadamard", "dartquant", "spinquant")
 SUPPORTED_WEIGHT_BITS = (4,)
 SUPPORTED_ACT_BITS = (4, 8, 16)
+# The inputs a layer quantizes, by the projections that read them (vLLM fuses each group into one
+# linear, so a group has one activation quantizer): the keys of `act_overrides`.
+INPUT_KINDS = {"qkv": ("q_proj", "k_proj", "v_proj", "qkv_proj"), "o": ("o_proj",),
+               "gate_up": ("gate_proj", "up_proj", "gate_up_proj"), "down": ("down_proj",)}
+
+
+def input_kind(module: str) -> str:
+    """The input kind ('qkv', 'o', 'gate_up', 'down') of a projection, by its name or dotted path
+    (checkpoint or vLLM naming)."""
+    last = module.rsplit(".", 1)[-1]
+    for kind, names in INPUT_KINDS.items():
+        if last in names:
+            return kind
+    raise CheckpointError(f"{module!r} is not a quantized projection (known: {', '.join(QUANTIZED_PROJECTIONS)})")
 SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # embeddings, norms, lm_head, biases
 INDEX_FILE = "model.safetensors.index.json"
@@ -65,6 +79,23 @@ class RotQuantSpec:
     tp_sizes: tuple[int, ...] = (1,)
     ignore: tuple[str, ...] = ("lm_head",)
     calibration: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # per input kind (INPUT_KINDS) an activation width and clip other than act_bits/act_clip_ratio:
+    # ((kind, bits, clip), ...), e.g. (("gate_up", 8, 1.0),) for 8-bit MLP inputs
+    act_overrides: tuple[tuple[str, int, float], ...] = ()
+
+    def act_for(self, module: str) -> tuple[int, float]:
+        """(bits, clip) of the activation quantizer in front of `module` (a projection's name or path)."""
+        if not self.act_overrides:
+            return self.act_bits, self.act_clip_ratio
+        kind = input_kind(module)
+        for k, bits, clip in self.act_overrides:
+            if k == kind:
+                return bits, clip
+        return self.act_bits, self.act_clip_ratio
+
+    def describe_acts(self) -> str:
+        """'A4' or e.g. 'A4, gate_up A8' for logs and tables."""
+        return f"A{self.act_bits}" + "".join(f", {k} A{b}" for k, b, _ in self.act_overrides)
 
     def to_dict(self) -> dict[str, Any]:
         online: dict[str, Any] = {}
@@ -84,6 +115,8 @@ class RotQuantSpec:
             "seed": self.seed,
             "online_hadamard": online,
             "ignore": list(self.ignore),
+            **({"act_overrides": {k: {"act_bits": b, "act_clip_ratio": c} for k, b, c in self.act_overrides}}
+               if self.act_overrides else {}),
             "calibration": self.calibration,
         }
 
@@ -135,6 +168,19 @@ class RotQuantSpec:
         if not all(isinstance(t, int) and t > 0 for t in tp_sizes):
             raise CheckpointError(f"{source}.online_hadamard.down_proj.tp_sizes: expected positive integers, got {tp_sizes}")
         ignore = field("ignore", list, required=False, default=["lm_head"])
+        overrides = []
+        for kind, entry in field("act_overrides", dict, required=False, default={}).items():
+            where = f"{source}.act_overrides.{kind}"
+            if kind not in INPUT_KINDS:
+                raise CheckpointError(f"{where}: unknown input kind (known: {', '.join(INPUT_KINDS)})")
+            if not isinstance(entry, dict) or set(entry) != {"act_bits", "act_clip_ratio"}:
+                raise CheckpointError(f"{where}: expected {{'act_bits': int, 'act_clip_ratio': number}}, got {entry!r}")
+            bits, oclip = entry["act_bits"], entry["act_clip_ratio"]
+            if isinstance(bits, bool) or bits not in SUPPORTED_ACT_BITS:
+                raise CheckpointError(f"{where}.act_bits: unsupported {bits!r} (supported: {SUPPORTED_ACT_BITS})")
+            if isinstance(oclip, bool) or not isinstance(oclip, (int, float)) or not 0.0 < oclip <= 1.0:
+                raise CheckpointError(f"{where}.act_clip_ratio: must be in (0, 1], got {oclip!r}")
+            overrides.append((kind, int(bits), float(oclip)))
         return cls(
             weight_bits=weight_bits,
             group_size=group_size,
@@ -148,6 +194,7 @@ class RotQuantSpec:
             tp_sizes=tp_sizes,
             ignore=tuple(ignore),
             calibration=field("calibration", dict, required=False, default={}),
+            act_overrides=tuple(overrides),
         )
 
     def check_model_config(self, config: dict[str, Any], source: str = "config.json") -> None:

@@ -109,7 +109,8 @@ class RotQuantLinearMethod(LinearMethodBase):
                 f"intermediate_size/tp = {input_size}/{input_size // k}; this checkpoint supports "
                 f"tp in {list(self.spec.tp_sizes)}")
         tp = getattr(layer, "tp_size", 1)
-        self.global_act_scale = isinstance(layer, RowParallelLinear) and tp > 1 and self.spec.act_bits < 16
+        self.act_bits, self.act_clip = self.spec.act_for(self.prefix)  # act_overrides by input kind
+        self.global_act_scale = isinstance(layer, RowParallelLinear) and tp > 1 and self.act_bits < 16
         self._shape = (k, n, params_dtype)
 
         layer._rotquant_ckpt_names = self._checkpoint_names(layer)
@@ -143,8 +144,8 @@ class RotQuantLinearMethod(LinearMethodBase):
             raise CheckpointError(f"rotquant: '{self.prefix}.{SCALE_SUFFIX}' holds non-finite values")
         packed = layer.weight_packed.data
         k, n, act_dtype = self._shape
-        spec = LinearSpec(in_features=k, out_features=n, group_size=self.spec.group_size, act_bits=self.spec.act_bits,
-                          act_symmetric=self.spec.act_symmetric, clip=self.spec.act_clip_ratio,
+        spec = LinearSpec(in_features=k, out_features=n, group_size=self.spec.group_size, act_bits=self.act_bits,
+                          act_symmetric=self.spec.act_symmetric, clip=self.act_clip,
                           hadamard_block=self.hadamard_block, global_act_range=self.global_act_scale,
                           device_type=packed.device.type, act_dtype=act_dtype)
         kernel_cls, passed_over = choose_kernel(spec)  # NoKernelError (a CheckpointError) names every reason
