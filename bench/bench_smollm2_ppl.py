@@ -27,8 +27,10 @@ from vllm_rotquant.offline.model_io import fetch_smollm2, load_tokenizer
 from vllm_rotquant.offline.options import QuantizeOptions
 from vllm_rotquant.offline.pipeline import quantize_checkpoint
 
-SERVED = {"gptq": {"served_inputs": True}}  # the default since issue 17
-PLAIN = {"gptq": {"served_inputs": False}}  # rows without SERVED: GPTQ on the fp model's inputs
+# every input at the row's act_bits unless a row says otherwise (the default recipe's gate_up A8
+# is the "gate_up A8" row)
+SERVED = {"gptq": {"served_inputs": True}, "act_overrides": ()}  # the default since issue 17
+PLAIN = {"gptq": {"served_inputs": False}, "act_overrides": ()}  # rows without SERVED: GPTQ on the fp model's inputs
 # name -> (rotation, weights, act_bits, derived from[, other QuantizeOptions]); "asym" rows: per-token
 # asymmetric activations; "served" rows: GPTQ fit to the served (quantized) inputs, quantized afresh
 # at each act_bits (the refit depends on the activation quantizer)
@@ -57,7 +59,7 @@ ROWS = {
     "W4A4 hadamard+GPTQ served": ("hadamard", "gptq", 4, None, SERVED),
     # the MLP input (gate/up), the most sensitive kind (bench/probe_act_quant.py kind-bits), at 8 bits
     "W4A4 hadamard+GPTQ served gate_up A8": ("hadamard", "gptq", 4, None,
-                                             {**SERVED, "act_overrides": (("gate_up", 8, 1.0),)}),
+                                             {**SERVED, "act_overrides": (("gate_up", 8, 1.0),)}),  # the default
     "W4A8 hadamard+GPTQ served": ("hadamard", "gptq", 8, None, SERVED),
     "W4A4 dartquant+GPTQ served": ("dartquant", "gptq", 4, None, SERVED),
     "W4A8 dartquant+GPTQ served": ("dartquant", "gptq", 8, None, SERVED),
@@ -109,7 +111,7 @@ def main() -> None:
     results = []
     for name in args.rows:
         rotation, weights, act_bits, parent, *extra = ROWS[name]
-        extra = {**(PLAIN if weights == "gptq" else {}), **(extra[0] if extra else {})}
+        extra = {"act_overrides": (), **(PLAIN if weights == "gptq" else {}), **(extra[0] if extra else {})}
         symmetric = not name.endswith(" asym")
         ckpt, quant = src, None
         if rotation is not None:

@@ -155,7 +155,7 @@ def search_unquantized_weights(model, windows: torch.Tensor, rotations, options)
     def loss(clip: float) -> float:
         nll = quantized_nll(model, win, rotations, weight_bits=None, act_bits=options.act_bits, clip=clip,
                             act_symmetric=options.act_symmetric, device=options.device,
-                            batch_size=options.batch_size, act_overrides=options.act_overrides)
+                            batch_size=options.batch_size, act_overrides=options.resolved_act_overrides)
         log.info("activation clip %.2f, unquantized weights: calibration NLL %.4f", clip, nll)
         return nll
 

@@ -29,8 +29,11 @@ def _clip_arg(text: str) -> float | str:
         raise argparse.ArgumentTypeError(f"expected 'auto' or a number in (0, 1], got {text!r}") from None
 
 
-def _act_override_arg(text: str) -> tuple[str, int, float]:
-    """KIND=BITS[:CLIP] (clip default 1.0) -> (kind, bits, clip); the options validate the values."""
+def _act_override_arg(text: str) -> tuple[str, int, float] | None:
+    """KIND=BITS[:CLIP] (clip default 1.0) -> (kind, bits, clip); 'none' -> None (no overrides);
+    the options validate the values."""
+    if text == "none":
+        return None
     try:
         kind, rest = text.split("=")
         bits, _, clip = rest.partition(":")
@@ -107,7 +110,8 @@ def quantize_options(args):
     return QuantizeOptions(
         rotation=args.rotation, weights=args.weights, weight_bits=args.weight_bits, act_bits=args.act_bits,
         group_size=args.group_size, act_clip_ratio=args.act_clip, act_symmetric=not args.act_asymmetric,
-        act_overrides=tuple(args.act_override), calib=args.calib, calib_tokens=args.calib_tokens, calib_seq_len=args.calib_seq_len, seed=args.seed,
+        act_overrides=None if args.act_override is None else tuple(o for o in args.act_override if o is not None),
+        calib=args.calib, calib_tokens=args.calib_tokens, calib_seq_len=args.calib_seq_len, seed=args.seed,
         device=args.device, tp_sizes=tuple(args.tp_sizes) if args.tp_sizes else None, r4_block=args.r4_block,
         batch_size=args.batch_size, gptq=_option_fields(args, GPTQOptions),
         dartquant=_option_fields(args, DartQuantOptions), spinquant=_option_fields(args, SpinQuantOptions))
@@ -189,10 +193,11 @@ def _add_quantize_parser(sub) -> None:
     q.add_argument("--act-asymmetric", action="store_true",
                    help="per-token asymmetric activations (scale and zero point; DartQuant's scripts) "
                         "(default: symmetric)")
-    q.add_argument("--act-override", type=_act_override_arg, action="append", default=[], metavar="KIND=BITS[:CLIP]",
+    q.add_argument("--act-override", type=_act_override_arg, action="append", default=None, metavar="KIND=BITS[:CLIP]",
                    help="quantize one input kind (qkv, o, gate_up, down) to other bits, at a fixed clip (default "
-                        "1.0), e.g. gate_up=8: the MLP input, the most sensitive one, at 8 bits. On Hopper and on the "
-                        "CPU 4- and 8-bit activations cost the same (int8 MMA / VNNI); repeatable (default: %(default)s)")
+                        "1.0); repeatable; 'none': every input at --act-bits. On Hopper and on the CPU 4- and 8-bit "
+                        "activations cost the same (int8 MMA / VNNI). (default: gate_up=8 at --act-bits 4, the MLP "
+                        "input, the most sensitive one; none otherwise)")
     q.add_argument("--calib", default=Q["calib"],
                    help=f"calibration text file or corpus name ({', '.join(CORPORA)}) (default: %(default)s)")
     q.add_argument("--calib-tokens", type=int, default=Q["calib_tokens"], help="(default: %(default)s)")

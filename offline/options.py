@@ -238,6 +238,12 @@ def flag(name: str) -> str:
     return FLAGS.get(name, "--" + name.replace("_", "-"))
 
 
+# The default recipe's per-kind activations at --act-bits 4: gate_proj/up_proj read 8-bit inputs
+# (clip 1.0). Their input is the most sensitive of the four (bench/probe_act_quant.py kind-bits),
+# and on Hopper and on the CPU an 8-bit activation costs what a 4-bit one does (int8 MMA / VNNI).
+DEFAULT_ACT_OVERRIDES: tuple[tuple[str, int, float], ...] = (("gate_up", 8, 1.0),)
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantizeOptions:
     """What `rotquant quantize` makes: rotation, weight quantizer, bit widths, calibration.
@@ -250,8 +256,9 @@ class QuantizeOptions:
     group_size: int | None = None  # None: one scale per output channel
     act_clip_ratio: float | str = "auto"  # a ratio in (0, 1], or "auto": searched on calibration text (act_clip.py)
     act_symmetric: bool = True  # False: per-token asymmetric (zero point), as DartQuant's scripts
-    # ((input kind, bits, clip), ...): those inputs quantized otherwise (RotQuantSpec.act_overrides)
-    act_overrides: tuple[tuple[str, int, float], ...] = ()
+    # ((input kind, bits, clip), ...): those inputs quantized otherwise (RotQuantSpec.act_overrides);
+    # None: the recipe's choice, DEFAULT_ACT_OVERRIDES at 4-bit activations (see resolved_act_overrides)
+    act_overrides: tuple[tuple[str, int, float], ...] | None = None
     calib: str = "brown"  # calibration text: a file or a corpus name (offline/data.py)
     calib_tokens: int = 128 * 2048
     calib_seq_len: int = 2048
@@ -276,9 +283,10 @@ class QuantizeOptions:
             set_("tp_sizes", tuple(self.tp_sizes))
         if not isinstance(self.calib, str):
             set_("calib", str(self.calib))
-        set_("act_overrides", tuple(tuple(o) for o in self.act_overrides))
-        kinds = [o[0] for o in self.act_overrides]
-        for o in self.act_overrides:
+        if self.act_overrides is not None:
+            set_("act_overrides", tuple(tuple(o) for o in self.act_overrides))
+        kinds = [o[0] for o in self.resolved_act_overrides]
+        for o in self.resolved_act_overrides:
             if len(o) != 3 or o[0] not in INPUT_KINDS or o[1] not in SUPPORTED_ACT_BITS or not _is_int(o[1]) \
                     or not _is_number(o[2]) or not 0 < o[2] <= 1:
                 raise ValueError(f"--act-override {o!r}: expected KIND=BITS[:CLIP] with KIND one of "
@@ -324,13 +332,22 @@ class QuantizeOptions:
                              f"--weights {self.weights} use one start (GPTQ corrects the rounding itself)")
 
     # ------------------------------------------------------------------ derived
+    @property
+    def resolved_act_overrides(self) -> tuple[tuple[str, int, float], ...]:
+        """The overrides the checkpoint gets: the given ones, or by default at 4-bit activations
+        DEFAULT_ACT_OVERRIDES (the MLP input at 8 bits; bench/RESULTS.md "Accuracy" says why)."""
+        if self.act_overrides is not None:
+            return self.act_overrides
+        return DEFAULT_ACT_OVERRIDES if self.act_bits == 4 else ()
+
     def act_for(self, module: str, clip: float) -> tuple[int, float]:
         """(bits, clip) of the activation quantizer in front of `module`: its --act-override, else
         --act-bits at `clip` (the global clip of the moment: given, or being searched)."""
-        if not self.act_overrides:
+        overrides = self.resolved_act_overrides
+        if not overrides:
             return self.act_bits, clip
         kind = input_kind(module)
-        return next(((b, c) for k, b, c in self.act_overrides if k == kind), (self.act_bits, clip))
+        return next(((b, c) for k, b, c in overrides if k == kind), (self.act_bits, clip))
 
     @property
     def tune_clip(self) -> bool:

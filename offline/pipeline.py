@@ -119,7 +119,7 @@ def dartquant_rotations(model, windows: torch.Tensor, r4_block: int, r3_block: i
                                             weight_bits=opts.weight_bits, group_size=opts.group_size,
                                             act_bits=opts.act_bits, clip=opts.initial_clip,
                                             act_symmetric=opts.act_symmetric, device=opts.device,
-                                            batch_size=opts.batch_size, act_overrides=opts.act_overrides)
+                                            batch_size=opts.batch_size, act_overrides=opts.resolved_act_overrides)
               for cand in tqdm(cands, desc="score rotations", unit="start")]
     best = min(range(len(scores)), key=scores.__getitem__)
     seconds = time.time() - t0
@@ -256,7 +256,7 @@ def quantize_model(model, tokenizer, options: QuantizeOptions = QuantizeOptions(
     spec = RotQuantSpec(
         weight_bits=opts.weight_bits, group_size=opts.group_size, act_bits=opts.act_bits,
         act_clip_ratio=opts.initial_clip, act_symmetric=opts.act_symmetric, rotation=opts.rotation, seed=opts.seed,
-        act_overrides=opts.act_overrides, down_proj_block=rotations.r4_block, qk_block=rotations.r3_block, tp_sizes=tp_sizes,
+        act_overrides=opts.resolved_act_overrides, down_proj_block=rotations.r4_block, qk_block=rotations.r3_block, tp_sizes=tp_sizes,
         calibration={
             "method": opts.weights, "data": opts.calib if opts.needs_calibration else None,
             "tokens": int(windows.numel()) if windows is not None else 0, "seq_len": opts.calib_seq_len,

@@ -110,6 +110,20 @@ def test_act_override_flag_is_parsed_and_looked_up():
     assert opts.act_for("self_attn.q_proj", 0.75) == (4, 0.75)
 
 
+def test_default_recipe_puts_the_mlp_input_at_8_bits_at_a4_only():
+    from vllm_rotquant.offline.options import DEFAULT_ACT_OVERRIDES
+
+    assert DEFAULT_ACT_OVERRIDES == (("gate_up", 8, 1.0),)
+    assert QuantizeOptions(device="cpu").resolved_act_overrides == DEFAULT_ACT_OVERRIDES
+    assert QuantizeOptions(device="cpu", act_bits=8).resolved_act_overrides == ()
+    assert QuantizeOptions(device="cpu", act_bits=16).resolved_act_overrides == ()
+    assert QuantizeOptions(device="cpu", act_overrides=()).resolved_act_overrides == ()
+    none = cli.build_parser().parse_args(["quantize", "m", "o", "--act-override", "none"])
+    assert cli.quantize_options(none).replace(device="cpu").resolved_act_overrides == ()
+    plain = cli.build_parser().parse_args(["quantize", "m", "o"])
+    assert cli.quantize_options(plain).act_overrides is None
+
+
 def test_cuda_is_checked_when_asked_for():
     assert check_device("cpu") == "cpu"
     if not torch.cuda.is_available():

@@ -138,7 +138,7 @@ def test_act_override_fits_those_weights_to_their_own_inputs(src, calib_file, tm
     from vllm_rotquant.offline.simulate import SimQuantLinear
 
     over = (("gate_up", 8, 1.0),)
-    pipeline.quantize_checkpoint(src, tmp_path / "a4", _opts(calib_file))
+    pipeline.quantize_checkpoint(src, tmp_path / "a4", _opts(calib_file, act_overrides=()))
     pipeline.quantize_checkpoint(src, tmp_path / "mix", _opts(calib_file, act_overrides=over))
     a, b = (load_file(tmp_path / n / "model.safetensors") for n in ("a4", "mix"))
     for proj in ("q_proj", "k_proj", "v_proj"):
