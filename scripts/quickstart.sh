@@ -26,7 +26,7 @@ rotquant fetch-model smollm2 runs/smollm2
 # the offline steps' OpenMP threads sleep instead of spinning while they wait: on a machine that is
 # running anything else, spinning threads made a SmolLM2 forward ~9x slower (bench/RESULTS.md)
 offline() { OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}" "$@"; }
-step "3/5 quantize to W4A4: Hadamard rotations + GPTQ fit to the served inputs on brown, activation clip searched (~5-6 minutes idle)"
+step "3/5 quantize to W4A4 (the MLP input at 8 bits): Hadamard rotations + GPTQ fit to the served inputs on brown, activation clip searched (~5-8 minutes idle)"
 offline rotquant quantize runs/smollm2 runs/smollm2-w4a4 --rotation hadamard --weights gptq \
     --calib brown --calib-tokens "${CALIB_TOKENS:-16384}" --calib-seq-len 512 --overwrite
 step "4/5 perplexity on austen, 16 x 512 tokens (~1 minute)"
