@@ -28,6 +28,7 @@ import logging
 
 import torch
 
+from vllm_rotquant.format import input_kind
 from vllm_rotquant.kernels import ops
 from vllm_rotquant.kernels import reference as ref
 from vllm_rotquant.offline import act_clip, data
@@ -35,8 +36,6 @@ from vllm_rotquant.offline.evaluate import evaluate, perplexity
 from vllm_rotquant.offline.model_io import load_tokenizer
 
 log = logging.getLogger("probe")
-KIND = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "o_proj": "o", "gate_proj": "gate_up",
-        "up_proj": "gate_up", "down_proj": "down"}
 
 
 def mixed_bits(ckpt: str, thresholds: list[float], seq_len: int, windows: int) -> None:
@@ -77,7 +76,7 @@ def kind_clip(ckpt: str, seq_len: int, windows: int, sweeps: int = 2) -> None:
     groups: dict[str, list] = {}
     for name, m in model.named_modules():
         if isinstance(m, SimQuantLinear):
-            groups.setdefault(KIND[name.rsplit(".", 1)[-1]], []).append(m)
+            groups.setdefault(input_kind(name), []).append(m)
     start = next(iter(groups.values()))[0].clip
     clips = {k: start for k in groups}
 
@@ -146,7 +145,7 @@ def kind_bits(ckpt: str, kinds: list[str], seq_len: int, windows: int) -> None:
 
     tok = load_tokenizer(ckpt)
     model = load_simulated(ckpt, torch.bfloat16)
-    lins = [(KIND[n.rsplit(".", 1)[-1]], m) for n, m in model.named_modules() if isinstance(m, SimQuantLinear)]
+    lins = [(input_kind(n), m) for n, m in model.named_modules() if isinstance(m, SimQuantLinear)]
     bits, clip = lins[0][1].act_bits, lins[0][1].clip
     texts = {t: data.eval_windows(data.tokenize(tok, data.load_text(t)), seq_len, windows)
              for t in ("austen", "brown-heldout")}

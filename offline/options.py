@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from vllm_rotquant.format import INPUT_KINDS, ROTATIONS, SUPPORTED_ACT_BITS, SUPPORTED_WEIGHT_BITS, input_kind
+from vllm_rotquant.format import INPUT_KINDS, ROTATIONS, SUPPORTED_ACT_BITS, SUPPORTED_WEIGHT_BITS, act_override
 from vllm_rotquant.kernels.hadamard import hadamard_supported
 from vllm_rotquant.kernels.layout import gemm_group_supported
 from vllm_rotquant.offline.act_clip import START as CLIP_START
@@ -343,11 +343,7 @@ class QuantizeOptions:
     def act_for(self, module: str, clip: float) -> tuple[int, float]:
         """(bits, clip) of the activation quantizer in front of `module`: its --act-override, else
         --act-bits at `clip` (the global clip of the moment: given, or being searched)."""
-        overrides = self.resolved_act_overrides
-        if not overrides:
-            return self.act_bits, clip
-        kind = input_kind(module)
-        return next(((b, c) for k, b, c in overrides if k == kind), (self.act_bits, clip))
+        return act_override(self.resolved_act_overrides, module) or (self.act_bits, clip)
 
     @property
     def tune_clip(self) -> bool:

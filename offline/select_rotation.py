@@ -23,7 +23,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from vllm_rotquant.format import input_kind
+from vllm_rotquant.format import act_override
 from vllm_rotquant.kernels.reference import dequant_weight_ref, fake_quant_act
 from vllm_rotquant.offline import calibrate, quantize
 from vllm_rotquant.offline.arch import ArchMapping, arch_of
@@ -48,8 +48,7 @@ def _quantized_layer(layer, index: int, rotations: Rotations, arch: ArchMapping,
         if weight_bits is not None:
             w, s = quantize.rtn(lin.weight.data, weight_bits, group_size)
             lin.weight.data = dequant_weight_ref(w, s, lin.weight.dtype)
-        bits, c = next(((b, c) for k, b, c in act_overrides if k == input_kind(path)), (act_bits, clip)) \
-            if act_overrides else (act_bits, clip)
+        bits, c = act_override(act_overrides, path) or (act_bits, clip)
         if bits < 16:
             lin.register_forward_pre_hook(_fake_quant_hook(c, bits, act_symmetric))
     return q

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vllm_rotquant.format import (PACKED_SUFFIX, QUANTIZED_PROJECTIONS, SCALE_SUFFIX, CheckpointError, input_kind,
+from vllm_rotquant.format import (PACKED_SUFFIX, QUANTIZED_PROJECTIONS, SCALE_SUFFIX, CheckpointError, act_override,
                                   RotQuantSpec, load_checkpoint, unpack_int4)
 from vllm_rotquant.format import is_rotquant_checkpoint  # noqa: F401  (the CLI imports it from here)
 from vllm_rotquant.kernels import ops
@@ -130,7 +130,7 @@ def _install_quant_linears(model, spec: RotQuantSpec, tensors: dict[str, torch.T
                     None if bias is None else bias.to(dtype), bits, clip,
                     spec.down_proj_block if name == "down_proj" else None, spec.act_symmetric)
                 # act_clip.search tunes the global clip only, not an act_overrides one
-                lin.clip_searched = input_kind(name) not in {k for k, _, _ in spec.act_overrides}
+                lin.clip_searched = act_override(spec.act_overrides, name) is None
                 setattr(owner, name, lin)
                 names.add(prefix)
     return names

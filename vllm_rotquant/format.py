@@ -51,6 +51,16 @@ def input_kind(module: str) -> str:
         if last in names:
             return kind
     raise CheckpointError(f"{module!r} is not a quantized projection (known: {', '.join(QUANTIZED_PROJECTIONS)})")
+
+
+def act_override(overrides: tuple[tuple[str, int, float], ...], module: str) -> tuple[int, float] | None:
+    """(bits, clip) that `overrides` ((input kind, bits, clip), ...) give `module`'s input, or None."""
+    if overrides:
+        kind = input_kind(module)
+        for k, bits, clip in overrides:
+            if k == kind:
+                return bits, clip
+    return None
 SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # embeddings, norms, lm_head, biases
 INDEX_FILE = "model.safetensors.index.json"
@@ -85,13 +95,7 @@ class RotQuantSpec:
 
     def act_for(self, module: str) -> tuple[int, float]:
         """(bits, clip) of the activation quantizer in front of `module` (a projection's name or path)."""
-        if not self.act_overrides:
-            return self.act_bits, self.act_clip_ratio
-        kind = input_kind(module)
-        for k, bits, clip in self.act_overrides:
-            if k == kind:
-                return bits, clip
-        return self.act_bits, self.act_clip_ratio
+        return act_override(self.act_overrides, module) or (self.act_bits, self.act_clip_ratio)
 
     def describe_acts(self) -> str:
         """'A4' or e.g. 'A4, gate_up A8' for logs and tables."""
