@@ -9,7 +9,7 @@
 # Then device calls, each `bash .stage/<set>/pk/unstage.sh && STEP=<step> bash bench/device/vllm_gpu.sh`
 # (carry the part), in this order -- each step needs the sets staged before it:
 #   suite    (background) the GPU kernel/calibrator suite (no vLLM), pytest -n 8; the engine step
-#            waits for it and returns its log
+#            returns its log (without waiting for it to end)
 #   offline  (x staged, background) SmolLM2 from the bundled GGUF -> quantize on the GPU (Hadamard +
 #            GPTQ, 16k brown tokens) -> rotquant eval on the GPU, then on the CPU
 #   ckpts    (background) random 7B/8B rotquant checkpoints for the benchmark
@@ -53,8 +53,8 @@ for s in '${SHAPES:-llama2-7b llama3-8b}'.split(): write_random_rotquant(Path('$
 print('ckpts done')" > $W/ckpts.log 2>&1 < /dev/null &
     echo "checkpoints building in the background (log $W/ckpts.log)" ;;
 engine)
-    for i in $(seq 200); do [ -f $W/suite.done ] || [ ! -f $W/suite.log ] && break; sleep 2; done
-    tail -15 $W/suite.log 2>/dev/null | tee "$OUT/pytest_gpu_kernels.log"
+    # the suite is not waited for (with other GPU work beside it, waiting took a whole call once):
+    # its log so far is returned at the end of this step
     ( setsid timeout 420 python -m pytest -m gpu tests/gpu/test_vllm_engine.py -q -p no:cacheprovider -n 7 -rA \
         > $W/engine_tests.log 2>&1 ) &
     for i in $(seq 150); do [ -f $W/offline.done ] && break; sleep 2; done
@@ -62,6 +62,7 @@ engine)
         --eval-json bf16_gpu=$W/eval_bf16_gpu.json w4a4_gpu=$W/eval_w4a4_gpu.json \
         --out $W/smollm2_vllm.json > $W/smollm2_vllm.out 2>&1
     wait
+    tail -15 $W/suite.log 2>/dev/null | tee "$OUT/pytest_gpu_kernels.log"
     cp $W/smollm2_vllm.json $W/quantize.json "$OUT"/ 2>/dev/null
     grep -E "passed|failed|error|served vs" $W/engine_tests.log | tail -20 | tee "$OUT/pytest_gpu_engine.log"
     tar -czf "$OUT/engine_logs.tgz" -C $W engine_tests.log smollm2_vllm.out offline.log \
