@@ -15,8 +15,10 @@ two-kernel path (`fused_plan_reason`).
 
 Not in the serving path yet: the first version (range pass over 16-row tiles) measured 2.3x
 slower than the two kernels on the H200 (qkv 29.2 against 12.5 us at M = 1;
-bench/results/bench_decode_h200_fused_v1.json); this one reads only the real rows, unmeasured.
-TritonKernel takes it when `bench/bench_decode.py` shows it faster.
+bench/results/bench_decode_h200_fused_v1.json); this one reads only the real rows and is still
+1.7-8x slower (bench_decode_h200_v2.json): every program repeats the quantization. Kept, tested,
+as the measured baseline for a fusion that quantizes once per launch; TritonKernel takes a fused
+path only when `bench/bench_decode.py` shows it faster.
 """
 from __future__ import annotations
 
