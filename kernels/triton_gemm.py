@@ -201,15 +201,14 @@ def pick_config(m: int, n: int, k: int, group: int, device: torch.device) -> dic
     kh = k // 2
     if m <= 16:  # memory-bound: stream the 4-bit weights with many small-N programs
         if n >= 8192:
-            bn, bkp = 64, 128
+            bn, bkp, split = 64, 128, 1
+        elif k > 4096:  # down_proj: 4-way split-K of 64-wide tiles (H200 sweep, issue 16: 7-12 %
+            bn, bkp, split = 64, 128, 4  # faster than 32 x 512 unsplit at 11008 / 14336 -> 4096)
         else:
-            bn, bkp = 32, (256 if k <= 4096 else 512)
-        if k > 4096 and n < 8192:  # down_proj: 4-way split-K of 64-wide tiles (H200 sweep, issue 16:
-            bn, bkp = 64, 128      # 7-12 % faster than 32 x 512 unsplit at 11008 / 14336 -> 4096)
+            bn, bkp, split = 32, 256, 1
         bkp = min(bkp, max(64, triton.next_power_of_2(kh)))
-        split, steps = 1, triton.cdiv(kh, bkp)
-        if k > 4096 and n < 8192:
-            split = min(4, steps)
+        steps = triton.cdiv(kh, bkp)
+        split = min(split, steps)
         while triton.cdiv(n, bn) * split < sms // 2 and split * 2 <= steps and split < 8:
             split *= 2  # tiny N (e.g. 576): spread K over more programs
         cfg = _cfg(16, bn, bkp, 4, 4, split)

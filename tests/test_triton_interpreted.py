@@ -1,7 +1,6 @@
 """The Triton kernels' numerics on the CPU, through Triton's interpreter (`TRITON_INTERPRET=1`):
 per-token quantization (symmetric and asymmetric, 4 and 8 bits), the fused block Hadamard +
-quantization, the W4A4 GEMM (per-channel, grouped, zero points, split-K) and the decode kernel
-with the quantization fused into the GEMM, against
+quantization, and the W4A4 GEMM (per-channel, grouped, zero points, split-K) against
 kernels/reference.py, at small odd shapes.
 
 CI has no GPU, so without this a kernel edit made between device sessions would meet its first
@@ -119,23 +118,6 @@ def _check() -> None:
         wk = prepare_weight(w)
         out = triton_gemm.w4a4_gemm(qa, sa, wk, sw, torch.float32, za=za, wsum=ops.weight_sums(wk, 1))
         assert torch.equal(out, ref.w4a4_gemm_ref(qa, sa, w, sw.float(), torch.float32, za)), ("gemm asym", k, n, m)
-        n_checks += 1
-    # quantization fused into the GEMM (decode sizes): exact against quantizer + GEMM references
-    from vllm_rotquant.kernels import triton_fused
-
-    for k, n, m, bits, asym, cfg in [(128, 40, 1, 4, False, None), (200, 24, 5, 8, False, None),
-                                     (256, 72, 16, 4, True, None), (136, 33, 3, 4, True, None),
-                                     (256, 32, 3, 4, False, split), (512, 16, 7, 8, True, split)]:
-        w, sw = _weights(n, k, 1, seed=k + n + m)
-        x = _acts(m, k, seed=m + k, dtype=torch.bfloat16) + (1.5 if asym else 0.0)
-        wk = prepare_weight(w)
-        out = triton_fused.quant_gemm(x, wk, sw, torch.float32, bits, 0.9, asym,
-                                      ops.weight_sums(wk, 1) if asym else None, config=cfg)
-        if asym:
-            q, s, z = ref.quant_act_asym_ref(x, 0.9, bits)
-        else:
-            (q, s), z = ref.quant_act_ref(x, 0.9, bits), None
-        assert torch.equal(out, ref.w4a4_gemm_ref(q, s, w, sw.float(), torch.float32, z)), ("fused", k, n, m, asym)
         n_checks += 1
     print(f"checked {n_checks} kernel cases under the Triton interpreter")
 

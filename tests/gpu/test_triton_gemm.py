@@ -224,32 +224,3 @@ def test_triton_kernel_chosen_at_load(k, n, block, tp_range, sym):
         assert torch.equal(out, ref.w4a4_gemm_ref(q, s, w, sw.float(), torch.bfloat16, z))
     compiled = torch.compile(lambda inp: kernel.apply(inp, t, None, gather), fullgraph=True)
     assert torch.equal(compiled(x), out)
-
-
-@pytest.mark.parametrize("k,n", SHAPES)
-@pytest.mark.parametrize("bits,sym", [(4, True), (8, True), (4, False)])
-def test_fused_quant_gemm_exact(k, n, bits, sym, poison):
-    """Decode sizes: the quantization fused into the GEMM equals quantizer + GEMM of the
-    reference bit for bit (bf16 out), at every M the fused kernel serves, with the split-K the
-    tile choice makes for small N."""
-    from vllm_rotquant.kernels import triton_fused
-
-    w, sw = _weights(n, k, 1, seed=k + n + bits)
-    wk = prepare_weight(pack_int4(w))
-    wsum = None if sym else ops.weight_sums(wk, 1)
-    for m in (1, 2, 5, 16):
-        g = torch.Generator(device="cuda").manual_seed(m)
-        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g) * 2 + (0.0 if sym else 0.7)
-        if m >= 5:
-            x[1] *= 50.0
-            x[2] = 0.0
-        if sym:
-            q, s = ref.quant_act_ref(x.cpu(), 0.9, bits)
-            z = None
-        else:
-            q, s, z = ref.quant_act_asym_ref(x.cpu(), 0.9, bits)
-        want = ref.w4a4_gemm_ref(q.cuda(), s.cuda(), w, sw.float(), torch.bfloat16, None if z is None else z.cuda())
-        poison()
-        out = triton_fused.quant_gemm(x, wk, sw, torch.bfloat16, bits, 0.9, not sym, wsum)
-        assert torch.equal(out, want), (m, (out.float() - want.float()).abs().max().item())
-
