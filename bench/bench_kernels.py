@@ -292,6 +292,88 @@ def run_sweep(out_rows):
                       f"({2 * m * n * k / best[0] / 1e9:.0f} TOPS)", flush=True)
 
 
+DECODE_SHAPES = [(4096, 12288), (4096, 4096), (4096, 22016), (11008, 4096),  # Llama-2-7B (K, N)
+                 (4096, 6144), (4096, 28672), (14336, 4096)]  # Llama-3-8B
+
+
+def decode_candidates():
+    """BM = 16 tiles for M <= 16: (BN, BKP) pairs x split-K x (warps, stages)."""
+    c = triton_gemm._cfg
+    out = [c(16, bn, bkp, w, st, split) for bn, bkp in [(16, 256), (32, 256), (32, 512), (64, 128), (64, 256), (128, 128)]
+           for split in (1, 2, 4, 8) for w, st in ((4, 4), (4, 6))]
+    out += [c(16, bn, bkp, 8, 4, split) for bn, bkp in [(64, 256), (128, 128)] for split in (1, 2, 4, 8)]
+    return out
+
+
+def run_decode_sweep(out_rows, ms=(1, 16), keep=8, shapes=DECODE_SHAPES):
+    """Decode GEMM tiles per (M, K, N): every candidate at the first M, the `keep` fastest of
+    them (and the heuristic) at the others; weights streamed from HBM (input sets > L2). Returns
+    the table entries (kernels/tuned_tiles.py) of the tiles that beat the heuristic by > 3 %."""
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    cands = decode_candidates()
+    entries = []
+    dev = torch.device("cuda")
+    print("\ndecode sweep: M K N config -> µs (GB/s of the weight stream)")
+    for k, n in shapes:
+        sets = max(2, min(64, math.ceil(SET_BYTES / (n * k // 2))))
+        ws = []
+        for _ in range(sets):
+            w = torch.randint(-8, 8, (n, k), device=dev, dtype=torch.int8, generator=gen)
+            ws.append((prepare_weight(w), (torch.rand(n, 1, device=dev, generator=gen) * 0.01 + 1e-3).to(torch.bfloat16)))
+        ranked = None
+        for m in ms:
+            xs = [tops.quant_act(torch.randn(m, k, device=dev, dtype=torch.bfloat16, generator=gen), 0.9, 4)
+                  for _ in range(sets)]
+            base = triton_gemm.heuristic_config(m, n, k, 0, dev)
+            todo = cands if ranked is None else [c for _, c in ranked[:keep]]
+            todo = [base] + [c for c in todo if c != base]
+            res = []
+            for cfg in todo:
+                def mk(i, cfg=cfg):
+                    (w, sw), (qa, sa) = ws[i % sets], xs[i % sets]
+                    return lambda: triton_gemm.w4a4_gemm(qa, sa, w, sw, torch.bfloat16, config=cfg)
+                try:
+                    t = timed_graph(mk, SET_BYTES // sets + 1) * 1e3
+                except Exception as e:  # noqa: BLE001 (a tile that does not compile is skipped)
+                    print(f"  {m} {k} {n} {cfg} failed: {type(e).__name__}: {str(e)[:100]}")
+                    continue
+                res.append((t, cfg))
+                out_rows.append(dict(m=m, k=k, n=n, cfg=cfg, us=t, default=cfg == base))
+            res.sort(key=lambda r: r[0])
+            if ranked is None:
+                ranked = res
+            t_base = next(t for t, c in res if c == base)
+            t_best, best = res[0]
+            gbs = lambda t: n * k / 2 / t / 1e3  # noqa: E731
+            print(f"BEST M={m} K={k} N={n}: {best} {t_best:.2f} µs ({gbs(t_best):.0f} GB/s); heuristic "
+                  f"{t_base:.2f} µs ({gbs(t_base):.0f} GB/s)", flush=True)
+            if t_best < 0.97 * t_base:
+                entries.append(dict(m=m, n=n, k=k, cfg=best, us=round(t_best, 2), default_us=round(t_base, 2)))
+    return entries
+
+
+def run_hq_decode(out_rows, ms=(1, 16)):
+    """Hadamard + quant plans for down_proj's input at decode sizes (one program per row group:
+    at M = 1 the whole row is one program's work)."""
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    print("\nhadamard_quant at decode M: K block order A R warps -> µs")
+    grid = [(11008, 256, [(None, None, None), ("core", 16, 4), ("fast", 16, 4), ("core", 16, 8), ("fast", 1, 4)]),
+            (14336, 2048, [(None, None, None), ("core", 64, 8), ("fast", 16, 4), ("core", 128, 8)])]
+    for m in ms:
+        for k, block, variants in grid:
+            for order, a, warps in variants:
+                def mk(i):
+                    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen)
+                    return lambda: triton_quant.hadamard_quant(x, block, 0.9, 4, order=order, a_force=a, num_warps=warps)
+                try:
+                    t = timed_graph(mk, 1 << 22) * 1e3
+                except Exception as e:  # noqa: BLE001
+                    print(f"  {m} {k} {block} {order} A{a} w{warps} failed: {type(e).__name__}: {str(e)[:100]}")
+                    continue
+                out_rows.append(dict(m=m, k=k, block=block, order=order, a=a, warps=warps, us=t))
+                print(f"  M={m} K={k} block={block} {order} A{a} w{warps}: {t:.2f} µs", flush=True)
+
+
 def run_hq_sweep(out_rows, copy_gbs):
     """Fused Hadamard+quant: stage order / factorisation, rows per program, warps, CTAs per SM."""
     gen = torch.Generator(device="cuda").manual_seed(3)
@@ -333,6 +415,10 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--sweep", action="store_true", help="also sweep GEMM / Hadamard configs")
     ap.add_argument("--sweep-hq", action="store_true", help="sweep the Hadamard+quant plans only")
+    ap.add_argument("--sweep-decode", action="store_true",
+                    help="sweep decode (M <= 16) GEMM tiles on the 7B/8B shapes and Hadamard+quant plans at M = 1, 16")
+    ap.add_argument("--write-tuned", default=None, metavar="FILE",
+                    help="with --sweep-decode: write the winning tiles as a table (kernels/tuned_tiles.py)")
     ap.add_argument("--no-table", action="store_true")
     ap.add_argument("--asym", action="store_true", help="also time asymmetric against symmetric activations")
     ap.add_argument("--asym-group", type=int, default=None,
@@ -344,11 +430,23 @@ def main():
     info = dict(device=props.name, sms=props.multi_processor_count, torch=torch.__version__,
                 triton=triton.__version__, cuda=torch.version.cuda)
     print(f"device: {info}")
-    rows = {"info": info, "linear": [], "quant": [], "sweep": [], "hq_sweep": [], "asym": []}
+    rows = {"info": info, "linear": [], "quant": [], "sweep": [], "hq_sweep": [], "asym": [], "decode_sweep": [],
+            "hq_decode": []}
     copy_bandwidth()  # warm-up: clocks up
     copy_gbs = copy_bandwidth()
     print(f"device-to-device copy: {copy_gbs:.0f} GB/s (read + write)")
     rows["copy_gbs"] = copy_gbs
+    if args.sweep_decode:
+        entries = run_decode_sweep(rows["decode_sweep"])
+        rows["tuned"] = entries
+        if args.write_tuned:
+            table = dict(device=props.name, triton=triton.__version__, torch=torch.__version__,
+                         command="python bench/bench_kernels.py --sweep-decode --no-table --write-tuned FILE",
+                         gemm=entries)
+            with open(args.write_tuned, "w") as f:
+                json.dump(table, f, indent=1)
+            print(f"wrote {len(entries)} tuned tiles to {args.write_tuned}")
+        run_hq_decode(rows["hq_decode"])
     if args.sweep or args.sweep_hq:
         run_hq_sweep(rows["hq_sweep"], copy_gbs)
     if args.sweep:

@@ -37,6 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
+from vllm_rotquant.kernels import tuned_tiles
 from vllm_rotquant.kernels.layout import gemm_group_supported
 
 logger = logging.getLogger(__name__)
@@ -193,10 +194,34 @@ def num_sms(device: torch.device, interpreted: int = 132) -> int:
     return _NUM_SMS[idx]
 
 
+_DEVICE_NAMES: dict = {}
+
+
+def _tuned_table(device: torch.device) -> dict:
+    """The measured tile table for `device`'s GPU model (kernels/tuned_tiles.py); off CUDA only
+    an explicit $ROTQUANT_GEMM_TILES applies (interpreter tests)."""
+    if INTERPRET or device.type != "cuda":
+        return tuned_tiles.table_for("") if os.environ.get(tuned_tiles.ENV) else {}
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _DEVICE_NAMES:
+        _DEVICE_NAMES[idx] = torch.cuda.get_device_name(idx)
+    return tuned_tiles.table_for(_DEVICE_NAMES[idx])
+
+
 def pick_config(m: int, n: int, k: int, group: int, device: torch.device) -> dict:
-    """Tile configuration per (M bucket, N, K), chosen from the H100 sweeps recorded in
-    bench/RESULTS.md. Deterministic (no run-time autotuning, so CUDA-graph capture and
-    torch.compile never see a benchmark run)."""
+    """Tile configuration per (M bucket, N, K): the device's measured table where it has the
+    shape (decode sweeps, kernels/tuned_tiles.py), else the heuristic below, chosen from the
+    H100/H200 sweeps recorded in bench/RESULTS.md. Deterministic (no run-time autotuning, so
+    CUDA-graph capture and torch.compile never see a benchmark run)."""
+    if not group:
+        cfg = tuned_tiles.lookup(_tuned_table(device), m, n, k)
+        if cfg is not None:
+            return cfg
+    return heuristic_config(m, n, k, group, device)
+
+
+def heuristic_config(m: int, n: int, k: int, group: int, device: torch.device) -> dict:
+    """The tile rules for shapes without a measured entry (and the sweep's baseline)."""
     sms = num_sms(device)
     kh = k // 2
     if m <= 16:  # memory-bound: stream the 4-bit weights with many small-N programs

@@ -8,6 +8,9 @@
 #   bash ../shared/tools/device-stage/stage.sh .stage/v /work/stage/vllm-site
 # Then device calls, each `bash .stage/<set>/pk/unstage.sh && STEP=<step> bash bench/device/vllm_gpu.sh`
 # (carry the part), in this order -- each step needs the sets staged before it:
+#   tune     (first, alone on the GPU) decode GEMM tile sweep -> $W/tiles.json, which every later
+#            step uses (ROTQUANT_GEMM_TILES); copy it to kernels/tuned/<device>.json to ship it
+#   calib    (background) the default recipe on a Llama-2-7B-shaped random model: time, peak memory
 #   suite    (background) the GPU kernel/calibrator suite (no vLLM), pytest -n 8; the engine step
 #            returns its log (without waiting for it to end)
 #   offline  (x staged, background) SmolLM2 from the bundled GGUF -> quantize on the GPU (Hadamard +
@@ -28,7 +31,16 @@ export PYTHONPATH=/tmp/stage/extra/site${PYTHONPATH:+:$PYTHONPATH}
 export ROTQUANT_DATA_DIR=/tmp/stage/extra/data VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_NO_USAGE_STATS=1 \
     TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 EV=(--data austen --seq-len 512 --windows 16 --json)
-case "${STEP:?STEP=suite|offline|ckpts|engine|bench|collect}" in
+[ -f $W/tiles.json ] && export ROTQUANT_GEMM_TILES=$W/tiles.json
+case "${STEP:?STEP=tune|calib|suite|offline|ckpts|engine|bench|collect}" in
+tune)
+    timeout "${TUNE_S:-480}" python bench/bench_kernels.py --sweep-decode --no-table --write-tuned $W/tiles.json \
+        --out "$OUT" > $W/tune.log 2>&1
+    cp $W/tiles.json "$OUT"/ 2>/dev/null; cp $W/tune.log "$OUT"/; grep -E "BEST|wrote|µs$" $W/tune.log | tail -40 ;;
+calib)
+    setsid nohup bash -c "python bench/bench_calibration.py --preset llama2-7b-random --device cuda --tf32 \
+        --rotation hadamard --out $W/calib > $W/calib.log 2>&1; touch $W/calib.done" > /dev/null 2>&1 < /dev/null &
+    echo "7B default-recipe calibration running in the background (log $W/calib.log)" ;;
 suite)
     # in the background, so that the next calls (staging) overlap it; the engine step collects the log
     setsid nohup bash -c "timeout ${SUITE_S:-400} python -m pytest -m gpu tests/gpu -q -p no:cacheprovider -n 8 \
@@ -69,6 +81,8 @@ engine)
         $(cd $W && ls smollm2_*.log eval_*.json 2>/dev/null)
     head -20 $W/smollm2_vllm.out ;;
 bench)
+    for i in $(seq 300); do [ -f $W/calib.done ] || [ ! -f $W/calib.log ] && break; sleep 2; done  # alone on the GPU
+    mkdir -p "$OUT/calib"; cp -r $W/calib/. $W/calib.log "$OUT/calib/" 2>/dev/null
     # leftovers of the engine step (an engine core outlives a timed-out pytest) hold GPU memory
     nvidia-smi --query-compute-apps=pid --format=csv,noheader | xargs -r kill -9 2>/dev/null; sleep 2
     case " ${VARIANTS:-w4a4} " in *" w4a"*)  # the rotquant rows read the checkpoints of the ckpts step

@@ -104,6 +104,24 @@ def test_gemm_every_config(cfg):
             assert torch.equal(out, ref.w4a4_gemm_ref(qa, sa, w, sw, torch.bfloat16)), (k, n, m)
 
 
+def test_gemm_tuned_tiles_exact():
+    """Every tile of the measured table in force for this GPU (shipped, or $ROTQUANT_GEMM_TILES)
+    is exact at its shape, at its bucket's M and below."""
+    from vllm_rotquant.kernels import tuned_tiles
+    table = triton_gemm._tuned_table(torch.device("cuda"))
+    if not table:
+        pytest.skip(f"no tuned-tile table for {torch.cuda.get_device_name()}")
+    for (n, k), (ms, cfgs) in table.items():
+        w, sw = _weights(n, k, 1, seed=n + k)
+        wk = prepare_weight(w)
+        for m, cfg in zip(ms, cfgs):
+            for mm in sorted({1, max(1, m // 2 + 1), m}):
+                assert triton_gemm.pick_config(mm, n, k, 0, torch.device("cuda")) == tuned_tiles.lookup(table, mm, n, k)
+                qa, sa = _qacts(mm, k, 4, seed=mm + k)
+                out = triton_gemm.w4a4_gemm(qa, sa, wk, sw, torch.bfloat16)
+                assert torch.equal(out, ref.w4a4_gemm_ref(qa, sa, w, sw, torch.bfloat16)), (n, k, mm, cfg)
+
+
 def test_gemm_refuses_other_layouts():
     """The Triton GEMM reads the kernel layout only (made once at load): a canonical or unpacked
     weight is an error, not a per-call repack; the reference op takes every layout on CUDA too."""
