@@ -53,13 +53,14 @@ def random_windows(vocab_size: int, tokens: int, seq_len: int, seed: int) -> tor
 
 
 @torch.no_grad()
-def build_random_llama(preset: str, fill_device: str, seed: int = 0):
+def build_random_llama(preset: str, fill_device: str, seed: int = 0, layers: int | None = None):
     """A float32 LlamaForCausalLM on the CPU with N(0, 0.02) weights and unit norms, built on the
     meta device and filled tensor by tensor (on the accelerator when there is one: fast)."""
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    cfg = LlamaConfig(**PRESETS[preset], tie_word_embeddings=False, architectures=["LlamaForCausalLM"],
+    shape = dict(PRESETS[preset], **({"num_hidden_layers": layers} if layers else {}))
+    cfg = LlamaConfig(**shape, tie_word_embeddings=False, architectures=["LlamaForCausalLM"],
                       rms_norm_eps=1e-5, torch_dtype="bfloat16")
     cfg._attn_implementation = "sdpa"
     with torch.device("meta"):
@@ -109,8 +110,8 @@ def main(argv=None) -> int:
     src.add_argument("--model", help="HF model folder")
     ap.add_argument("--name", default=None, help="label for the result files (default: preset or folder name)")
     ap.add_argument("--device", default=default_device())
-    ap.add_argument("--rotation", default="dartquant", choices=["none", "hadamard", "dartquant"],
-                    help="(default: %(default)s, what this benchmark is about)")
+    ap.add_argument("--rotation", default=q["rotation"], choices=["none", "hadamard", "dartquant"],
+                    help="(default: %(default)s, the library's)")
     ap.add_argument("--weights", default=q["weights"], choices=["rtn", "gptq"])
     ap.add_argument("--act-bits", "--a-bits", dest="act_bits", type=int, default=q["act_bits"])
     ap.add_argument("--act-clip", default=q["act_clip_ratio"], help="activation clip ratio, or 'auto' (searched)")
@@ -124,10 +125,14 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="runs/calibration", help="folder for the result files")
     ap.add_argument("--ckpt", default=None, help="where to write the checkpoint (default: a temp dir, deleted)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--layers", type=int, default=None,
+                    help="--preset with this many decoder layers (peak memory is per layer: a short model measures "
+                         "it, and the per-layer phases scale with the count)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
-    name = args.name or args.preset or Path(args.model).name
+    name = args.name or (f"{args.preset}-{args.layers}l" if args.preset and args.layers else args.preset) \
+        or Path(args.model).name
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     env = {"torch": torch.__version__, "python": platform.python_version(), "cpu_threads": torch.get_num_threads(),
@@ -151,7 +156,7 @@ def main(argv=None) -> int:
         if args.preset:
             t = time.time()
             fill = args.device if args.device.startswith("cuda") else "cpu"
-            model = build_random_llama(args.preset, fill, args.seed)
+            model = build_random_llama(args.preset, fill, args.seed, args.layers)
             result["build_s"] = round(time.time() - t, 1)
             log.info("built %s in %.1f s", args.preset, result["build_s"])
             if args.probe:

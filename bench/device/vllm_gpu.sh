@@ -38,7 +38,7 @@ tune)
         --out "$OUT" > $W/tune.log 2>&1
     cp $W/tiles.json "$OUT"/ 2>/dev/null; cp $W/tune.log "$OUT"/; grep -E "BEST|wrote|µs$" $W/tune.log | tail -40 ;;
 calib)
-    setsid nohup bash -c "python bench/bench_calibration.py --preset llama2-7b-random --device cuda --tf32 \
+    setsid nohup bash -c "python bench/bench_calibration.py --preset llama2-7b-random ${LAYERS:+--layers $LAYERS} --device cuda --tf32 \
         --rotation hadamard --out $W/calib > $W/calib.log 2>&1; touch $W/calib.done" > /dev/null 2>&1 < /dev/null &
     echo "7B default-recipe calibration running in the background (log $W/calib.log)" ;;
 suite)
