@@ -60,6 +60,11 @@ ROWS = {
     # the MLP input (gate/up), the most sensitive kind (bench/probe_act_quant.py kind-bits), at 8 bits
     "W4A4 hadamard+GPTQ served gate_up A8": ("hadamard", "gptq", 4, None,
                                              {**SERVED, "act_overrides": (("gate_up", 8, 1.0),)}),  # the default
+    # SmoothQuant scales on v/o and up/down, absorbed before the rotations (offline/smooth.py, issue 21)
+    "W4A4 smoothquant+hadamard+GPTQ served gate_up A8": ("hadamard", "gptq", 4, None,
+                                                          {**SERVED, "act_overrides": (("gate_up", 8, 1.0),),
+                                                           "smooth": "smoothquant"}),
+    "W4A8 smoothquant+hadamard+GPTQ served": ("hadamard", "gptq", 8, None, {**SERVED, "smooth": "smoothquant"}),
     "W4A8 hadamard+GPTQ served": ("hadamard", "gptq", 8, None, SERVED),
     "W4A4 dartquant+GPTQ served": ("dartquant", "gptq", 4, None, SERVED),
     "W4A8 dartquant+GPTQ served": ("dartquant", "gptq", 8, None, SERVED),

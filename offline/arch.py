@@ -39,6 +39,7 @@ class ArchMapping:
     o_proj: str = "self_attn.o_proj"
     mlp_norm: str = "post_attention_layernorm"
     mlp_readers: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj")
+    up_proj: str = "mlp.up_proj"  # the linear factor of SiLU(gate) * up (smoothing, offline/smooth.py)
     down_proj: str = "mlp.down_proj"
     # projections with a bias by default (rotated with their rows where R1 / R2 act on rows)
     biases: tuple[str, ...] = ()

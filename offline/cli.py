@@ -113,7 +113,8 @@ def quantize_options(args):
         act_overrides=None if args.act_override is None else tuple(o for o in args.act_override if o is not None),
         calib=args.calib, calib_tokens=args.calib_tokens, calib_seq_len=args.calib_seq_len, seed=args.seed,
         device=args.device, tp_sizes=tuple(args.tp_sizes) if args.tp_sizes else None, r4_block=args.r4_block,
-        batch_size=args.batch_size, gptq=_option_fields(args, GPTQOptions),
+        batch_size=args.batch_size, smooth=args.smooth, smooth_alpha=args.smooth_alpha,
+        gptq=_option_fields(args, GPTQOptions),
         dartquant=_option_fields(args, DartQuantOptions), spinquant=_option_fields(args, SpinQuantOptions))
 
 
@@ -214,6 +215,11 @@ def _add_quantize_parser(sub) -> None:
                         "dividing intermediate/max(tp))")
     q.add_argument("--batch-size", type=int, default=Q["batch_size"],
                    help="calibration windows per forward (default: %(default)s)")
+    q.add_argument("--smooth", choices=("none", "smoothquant"), default=Q["smooth"],
+                   help="per-channel smoothing absorbed into v_proj/o_proj and up_proj/down_proj before the "
+                        "rotations (default: %(default)s)")
+    q.add_argument("--smooth-alpha", type=float, default=Q["smooth_alpha"],
+                   help="smoothing strength: s = max|x|^alpha / max|w|^(1-alpha) (default: %(default)s)")
     _add_option_fields(q, DartQuantOptions, "DartQuant (--rotation dartquant, or --sq-start dartquant)")
     _add_option_fields(q, SpinQuantOptions, "SpinQuant: rotations learned through the quantized model "
                                             "(--rotation spinquant)")

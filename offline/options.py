@@ -270,6 +270,8 @@ class QuantizeOptions:
     gptq: GPTQOptions = dataclasses.field(default_factory=GPTQOptions)
     dartquant: DartQuantOptions = dataclasses.field(default_factory=DartQuantOptions)
     spinquant: SpinQuantOptions = dataclasses.field(default_factory=SpinQuantOptions)
+    smooth: str = "none"  # none | smoothquant: per-channel scales on the v/o and up/down pairs (offline/smooth.py)
+    smooth_alpha: float = 0.5  # SmoothQuant's migration strength: s = a^alpha / w^(1 - alpha)
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
@@ -324,6 +326,10 @@ class QuantizeOptions:
                 or not isinstance(self.spinquant, SpinQuantOptions):
             raise ValueError("QuantizeOptions.gptq / .dartquant / .spinquant: expected GPTQOptions / DartQuantOptions "
                              "/ SpinQuantOptions (or a dict)")
+        if self.smooth not in ("none", "smoothquant"):
+            raise ValueError(f"--smooth {self.smooth!r}: expected none or smoothquant")
+        if not _is_number(self.smooth_alpha) or not 0 <= self.smooth_alpha <= 1:
+            raise ValueError(f"--smooth-alpha {self.smooth_alpha!r}: expected a number in [0, 1]")
         if self.rotation == "spinquant" and self.act_bits >= 16:
             raise ValueError("--rotation spinquant learns the rotations through the quantized activations: "
                              "it needs --act-bits 4 or 8")
@@ -358,7 +364,8 @@ class QuantizeOptions:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.weights == "gptq" or self.rotation in ("dartquant", "spinquant") or self.tune_clip
+        return self.weights == "gptq" or self.rotation in ("dartquant", "spinquant") or self.tune_clip \
+            or self.smooth != "none"
 
     @property
     def spin_start(self) -> str | None:

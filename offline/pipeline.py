@@ -31,6 +31,7 @@ from vllm_rotquant.offline.arch import ArchMapping, arch_of, head_geometry
 from vllm_rotquant.offline.model_io import atomic_folder, load_hf_model, load_tokenizer
 from vllm_rotquant.offline.options import QuantizeOptions
 from vllm_rotquant.offline.rotate import Rotations, apply_rotations, fold_norms
+from vllm_rotquant.offline.smooth import smooth_model
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +206,12 @@ def quantize_model(model, tokenizer, options: QuantizeOptions = QuantizeOptions(
                              "pass a tokenizer or calib_windows")
         windows = calibration_windows(tokenizer, opts)
     prepare_s = time.time() - t0
+    smooth_record = None
+    if opts.smooth != "none":  # on the folded float model, before any rotation (offline/smooth.py)
+        t = time.time()
+        smooth_record = smooth_model(model, windows, opts.smooth, opts.smooth_alpha, opts.device, opts.batch_size)
+        smooth_record["seconds"] = round(time.time() - t, 1)
+        prepare_s += time.time() - t
 
     rotations, dq_run, sq_run, spin_clip, rotation_s, hooks = Rotations(), None, None, None, None, []
     if opts.rotation != "none":
@@ -264,6 +271,7 @@ def quantize_model(model, tokenizer, options: QuantizeOptions = QuantizeOptions(
             "dartquant": opts.dartquant.to_dict() if dq_run is not None else None,
             "spinquant": {**opts.spinquant.to_dict(), **sq_run.record()} if sq_run is not None else None,
             "served_inputs_clip": clip_record,
+            "smooth": smooth_record,  # absorbed into the weights: provenance only, nothing to serve
             "device": opts.device, **{k: round(v, 2) for k, v in timings.items()},
         })
     report = QuantizeReport(
