@@ -168,8 +168,8 @@ DEVICE_METAVAR = "{cpu,cuda,cuda:N}"
 def _add_quantize_parser(sub) -> None:
     from vllm_rotquant.format import ROTATIONS, SUPPORTED_ACT_BITS, SUPPORTED_WEIGHT_BITS
     from vllm_rotquant.offline.act_clip import GRID, SCORE_TOKENS, START
-    from vllm_rotquant.offline.options import (WEIGHT_QUANTIZERS, DartQuantOptions, GPTQOptions, QuantizeOptions,
-                                               SpinQuantOptions, defaults)
+    from vllm_rotquant.offline.options import (SMOOTH_METHODS, WEIGHT_QUANTIZERS, DartQuantOptions, GPTQOptions,
+                                               QuantizeOptions, SpinQuantOptions, defaults)
 
     Q = defaults(QuantizeOptions)
     q = sub.add_parser("quantize", help="fold, rotate and quantize a HF model into a rotquant checkpoint",
@@ -215,7 +215,7 @@ def _add_quantize_parser(sub) -> None:
                         "dividing intermediate/max(tp))")
     q.add_argument("--batch-size", type=int, default=Q["batch_size"],
                    help="calibration windows per forward (default: %(default)s)")
-    q.add_argument("--smooth", choices=("none", "smoothquant"), default=Q["smooth"],
+    q.add_argument("--smooth", choices=SMOOTH_METHODS, default=Q["smooth"],
                    help="per-channel smoothing absorbed into v_proj/o_proj and up_proj/down_proj before the "
                         "rotations (default: %(default)s)")
     q.add_argument("--smooth-alpha", type=float, default=Q["smooth_alpha"],

@@ -241,6 +241,8 @@ def flag(name: str) -> str:
 # The default recipe's per-kind activations at --act-bits 4: gate_proj/up_proj read 8-bit inputs
 # (clip 1.0). Their input is the most sensitive of the four (bench/probe_act_quant.py kind-bits),
 # and on Hopper and on the CPU an 8-bit activation costs what a 4-bit one does (int8 MMA / VNNI).
+SMOOTH_METHODS = ("none", "smoothquant")  # --smooth (offline/smooth.py)
+
 DEFAULT_ACT_OVERRIDES: tuple[tuple[str, int, float], ...] = (("gate_up", 8, 1.0),)
 
 
@@ -326,8 +328,8 @@ class QuantizeOptions:
                 or not isinstance(self.spinquant, SpinQuantOptions):
             raise ValueError("QuantizeOptions.gptq / .dartquant / .spinquant: expected GPTQOptions / DartQuantOptions "
                              "/ SpinQuantOptions (or a dict)")
-        if self.smooth not in ("none", "smoothquant"):
-            raise ValueError(f"--smooth {self.smooth!r}: expected none or smoothquant")
+        if self.smooth not in SMOOTH_METHODS:
+            raise ValueError(f"--smooth {self.smooth!r}: expected one of {', '.join(SMOOTH_METHODS)}")
         if not _is_number(self.smooth_alpha) or not 0 <= self.smooth_alpha <= 1:
             raise ValueError(f"--smooth-alpha {self.smooth_alpha!r}: expected a number in [0, 1]")
         if self.rotation == "spinquant" and self.act_bits >= 16:

@@ -19,12 +19,13 @@ import logging
 import torch
 from tqdm.auto import tqdm
 
-from vllm_rotquant.offline.arch import arch_of
+from vllm_rotquant.offline.arch import arch_of, head_geometry
 from vllm_rotquant.offline.calibrate import capture_first_layer_inputs, run_layer
+from vllm_rotquant.offline.options import SMOOTH_METHODS
+from vllm_rotquant.offline.rotate import _scale_columns
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("none", "smoothquant")
 EPS = 1e-5
 
 
@@ -79,20 +80,12 @@ def _scale_rows(linear, s: torch.Tensor, inverse: bool) -> None:
         linear.bias.data = (b.double() * f.to(b.device)).to(b.dtype)
 
 
-def _scale_columns(linear, s: torch.Tensor) -> None:
-    w = linear.weight.data
-    linear.weight.data = (w.double() * s.to(w.device)[None, :]).to(w.dtype)
-
-
 @torch.no_grad()
 def apply_smoothing(model, maxima: list[tuple[torch.Tensor, torch.Tensor]], alpha: float) -> dict:
     """Absorb the scales into every layer's v/o and up/down pairs; returns a summary (the mean
     channel max/median ratio of the two inputs before and after, the quantizer-visible flatness)."""
     arch = arch_of(model)
-    cfg = model.config
-    heads = cfg.num_attention_heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    heads, kv_heads, head_dim = head_geometry(model.config)
     group = heads // kv_heads
     # o_proj column c (query head c // head_dim) reads v channel kv(c)
     q_head = torch.arange(heads * head_dim) // head_dim
@@ -132,7 +125,7 @@ def _spread(a: torch.Tensor) -> float:
 
 def smooth_model(model, windows: torch.Tensor, method: str, alpha: float, device: str, batch_size: int = 8) -> dict:
     """`method` ("smoothquant") on a folded float model, in place, before the rotations."""
-    if method not in METHODS or method == "none":
-        raise ValueError(f"--smooth {method!r}: expected one of {', '.join(m for m in METHODS if m != 'none')}")
+    if method not in SMOOTH_METHODS or method == "none":
+        raise ValueError(f"--smooth {method!r}: expected one of {', '.join(SMOOTH_METHODS[1:])}")
     maxima = input_maxima(model, windows, device, batch_size)
     return apply_smoothing(model, maxima, alpha)
