@@ -258,19 +258,15 @@ def run_quant_table(out_rows, copy_gbs):
 
 
 def run_sweep(out_rows):
-    """GEMM tile configurations per regime (the first sweep's winners and their neighbours)."""
+    """GEMM tile configurations for M >= 512 (the first sweep's winners and their neighbours);
+    decode (M <= 16) is --sweep-decode's (run_decode_sweep)."""
     gen = torch.Generator(device="cuda").manual_seed(2)
     c = triton_gemm._cfg
-    dec = [c(16, 64, 128, 4, 4), c(16, 64, 128, 4, 6), c(16, 32, 256, 4, 4), c(16, 32, 256, 4, 6),
-           c(16, 32, 512, 4, 4), c(16, 128, 128, 4, 4), c(16, 16, 256, 4, 6),
-           c(16, 64, 128, 4, 4, 2), c(16, 64, 128, 4, 4, 4), c(16, 64, 256, 4, 4, 2), c(16, 128, 128, 4, 4, 4)]
     mid = [c(64, 128, 128, 4, 4), c(32, 64, 128, 4, 4), c(64, 64, 128, 4, 4), c(128, 128, 64, 8, 4),
            c(64, 128, 64, 4, 5)]
     pre = [c(128, 128, 64, 8, 4), c(128, 128, 64, 4, 4), c(128, 128, 64, 8, 5), c(128, 128, 64, 4, 5),
            c(128, 128, 64, 8, 4, group_m=16), c(128, 128, 64, 8, 4, group_m=4), c(64, 128, 128, 4, 4)]
-    decode = [(4096, 12288), (4096, 4096), (11008, 4096), (14336, 4096), (4096, 28672)]
-    plan = [(1, decode, dec), (16, decode, dec),
-            (512, [(4096, 12288), (11008, 4096), (4096, 4096)], mid + pre[:2]),
+    plan = [(512, [(4096, 12288), (11008, 4096), (4096, 4096)], mid + pre[:2]),
             (2048, [(4096, 12288), (14336, 4096)], pre),
             (8192, [(4096, 28672)], pre[:5])]
     print("\nsweep: M K N config -> µs")
