@@ -21,6 +21,7 @@ TF32, to show what the matmul precision costs. Writes <out>/calibration_<name>.j
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import platform
@@ -169,6 +170,8 @@ def main(argv=None) -> int:
             tensors, spec, report = pipeline.quantize_model(model, None, opts, calib_windows=windows,
                                                             unquantized_dtype=torch.bfloat16)
             del model
+            gc.collect()
+            result["peak_cpu_rss_gib_before_write"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2)
             report = pipeline.save_checkpoint(ckpt, tensors, spec, report, config, overwrite=True)
             del tensors
         else:

@@ -11,6 +11,7 @@ only on the inputs and the seed (provenance such as wall time goes to config.jso
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import logging
 import resource
@@ -23,7 +24,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from vllm_rotquant.format import QUANTIZED_PROJECTIONS, SCALE_SUFFIX, RotQuantSpec, pack_int4, write_config
+from vllm_rotquant.format import PACKED_SUFFIX, QUANTIZED_PROJECTIONS, SCALE_SUFFIX, RotQuantSpec, pack_int4, write_config
 from vllm_rotquant.kernels.hadamard import largest_block
 from vllm_rotquant.kernels.reference import dequant_weight_ref
 from vllm_rotquant.offline import act_clip, calibrate, data, quantize
@@ -297,6 +298,7 @@ def quantize_checkpoint(model_dir: str | Path, out_dir: str | Path, options: Qua
     load_s = time.time() - t0
     tensors, spec, report = quantize_model(model, tokenizer, options, unquantized_dtype=_unquantized_dtype(src_cfg))
     del model
+    gc.collect()  # the float32 model (27 GB for 7B) is gone before the clip search loads the checkpoint
     spec = dataclasses.replace(spec, calibration={**spec.calibration, "load_s": round(load_s, 2)})
     report = dataclasses.replace(report, load_s=load_s, model=str(model_dir))
     return save_checkpoint(out, tensors, spec, report, src_cfg, copy_from=model_dir, overwrite=overwrite)
@@ -344,7 +346,7 @@ def _quantize_rtn(model, arch: ArchMapping, opts: QuantizeOptions) -> dict[str, 
     for i, layer in enumerate(tqdm(arch.decoder_layers(model), desc="RTN", unit="layer")):
         for name, lin in arch.quantized_linears(layer):
             q, s = quantize.rtn(lin.weight.data.to(device), opts.weight_bits, opts.group_size)
-            packed[f"{arch.layer_prefix(i)}.{name}"] = (q.cpu(), s.cpu())
+            packed[f"{arch.layer_prefix(i)}.{name}"] = _packed(q, s)
     return packed
 
 
@@ -393,7 +395,7 @@ def _quantize_gptq(model, arch: ArchMapping, windows: torch.Tensor, opts: Quanti
                     w = acc.refit(m.weight.data) if served else m.weight.data
                     q, s = quantize.gptq(w, acc.h, opts.weight_bits, opts.group_size, damp=g.damp,
                                          block=g.block, act_order=g.act_order)
-                    packed[f"{arch.layer_prefix(i)}.{path}"] = (q.cpu(), s.cpu())
+                    packed[f"{arch.layer_prefix(i)}.{path}"] = _packed(q, s)
                     m.weight.data = dequant_weight_ref(q, s, m.weight.dtype)
             inputs.hidden = calibrate.run_layer(layer, inputs)
         finally:
@@ -403,18 +405,23 @@ def _quantize_gptq(model, arch: ArchMapping, windows: torch.Tensor, opts: Quanti
     return packed
 
 
+def _packed(q: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A linear's INT4 codes packed two to a byte and its float16 scales, on the host: packed
+    where they are made, so the host never holds a 7B model's codes as int8 (6 GiB more)."""
+    return pack_int4(q).cpu(), s.to(torch.float16).cpu()
+
+
 def checkpoint_tensors(model, arch: ArchMapping, packed: dict[str, tuple[torch.Tensor, torch.Tensor]],
                        dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The checkpoint's tensors: packed INT4 + float16 scales for every quantized linear, the rest
-    of the state dict in `dtype` (sorted by name, contiguous)."""
+    """The checkpoint's tensors: for every quantized linear its packed INT4 codes and float16
+    scales (`packed`, from `_packed`), the rest of the state dict in `dtype` (sorted by name,
+    contiguous)."""
     tensors: dict[str, torch.Tensor] = {}
     used = set()
     for name, p in model.state_dict().items():
         stem, _, leaf = name.rpartition(".")
         if leaf == "weight" and stem in packed:
-            q, s = packed[stem]
-            tensors[f"{stem}.weight_packed"] = pack_int4(q)
-            tensors[f"{stem}.{SCALE_SUFFIX}"] = s.to(torch.float16)
+            tensors[f"{stem}.{PACKED_SUFFIX}"], tensors[f"{stem}.{SCALE_SUFFIX}"] = packed[stem]
             used.add(stem)
         elif leaf == "weight" and stem.endswith(QUANTIZED_PROJECTIONS):
             raise ValueError(f"{name}: a projection the checkpoint quantizes was not quantized")

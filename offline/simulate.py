@@ -21,7 +21,9 @@ R3_ATTENTION = "rotquant_r3_sdpa"
 
 
 class SimQuantLinear(nn.Module):
-    """A quantized linear as the served model computes it (int8-unpacked INT4 weights + scales).
+    """A quantized linear as the served model computes it (packed INT4 weights + scales, as the
+    checkpoint holds them: a 7B model's codes unpacked to int8 would take 6 GiB more host memory
+    while the clip search moves it to the GPU).
 
     On the CPU it runs the reference composition (`ops.rotquant_linear`), which defines the
     numerics. On another device it runs the kernel vLLM would choose there
@@ -29,23 +31,30 @@ class SimQuantLinear(nn.Module):
     order), prepared once per device; where that kernel cannot serve the layer, the reference
     runs there instead (logged once). `clip` may be changed between forwards (act_clip.search)."""
 
-    def __init__(self, w_int: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+    def __init__(self, w_packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                  act_bits: int, clip: float, hadamard_block: int | None, act_symmetric: bool = True):
         super().__init__()
-        self.register_buffer("w_int", w_int)
+        self.register_buffer("w_packed", w_packed)
         self.register_buffer("scale", scale)
         self.register_buffer("bias", bias)
-        self.register_buffer("w_sum", None if act_symmetric else ops.weight_sums(w_int, scale.shape[1]))
+        self.register_buffer("w_sum", None if act_symmetric else ops.weight_sums(unpack_int4(w_packed), scale.shape[1]))
         self.act_bits, self.clip, self.hadamard_block = act_bits, clip, hadamard_block
         self.act_symmetric, self.clip_searched = act_symmetric, True
-        self.out_features, self.in_features = w_int.shape
+        self.out_features, self.in_features = w_packed.shape[0], 2 * w_packed.shape[1]
         self._prepared: dict[tuple[str, torch.device], dict[str, torch.Tensor]] = {}
+        self._unpacked: torch.Tensor | None = None  # the CPU reference's int8 codes, made on first use
+
+    @property
+    def w_int(self) -> torch.Tensor:
+        """The int8 codes [out, in] (unpacked once and kept while the module stays where it is)."""
+        if self._unpacked is None or self._unpacked.device != self.w_packed.device:
+            self._unpacked = unpack_int4(self.w_packed)
+        return self._unpacked
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu":
             return ops.rotquant_linear(x, self.w_int, self.scale, self.bias, self.act_bits, self.clip,
                                        self.hadamard_block, self.act_symmetric, self.w_sum)
-        from vllm_rotquant.format import pack_int4
         from vllm_rotquant.kernels.linear_kernel import LinearSpec, choose_kernel
 
         spec = LinearSpec(self.in_features, self.out_features,
@@ -60,7 +69,7 @@ class SimQuantLinear(nn.Module):
         kernel = cls(spec)
         key = (cls.name, x.device)
         if key not in self._prepared:
-            self._prepared[key] = kernel.prepare(pack_int4(self.w_int.to(x.device)), self.scale.to(x.device))
+            self._prepared[key] = kernel.prepare(self.w_packed.to(x.device), self.scale.to(x.device))
         return kernel.apply(x, self._prepared[key], self.bias)
 
 
@@ -126,7 +135,7 @@ def _install_quant_linears(model, spec: RotQuantSpec, tensors: dict[str, torch.T
                 bias = tensors.get(f"{prefix}.bias")
                 bits, clip = spec.act_for(name)
                 lin = SimQuantLinear(
-                    unpack_int4(tensors[f"{prefix}.{PACKED_SUFFIX}"]), tensors[f"{prefix}.{SCALE_SUFFIX}"],
+                    tensors[f"{prefix}.{PACKED_SUFFIX}"], tensors[f"{prefix}.{SCALE_SUFFIX}"],
                     None if bias is None else bias.to(dtype), bits, clip,
                     spec.down_proj_block if name == "down_proj" else None, spec.act_symmetric)
                 # act_clip.search tunes the global clip only, not an act_overrides one
