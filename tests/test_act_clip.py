@@ -136,3 +136,25 @@ def test_set_clip_goes_through_update_config(tmp_path, monkeypatch):
     fmt.update_config(ckpt, lambda c: c.pop("quantization_config"))
     with pytest.raises(CheckpointError, match="no quantization_config to set the activation clip in"):
         act_clip.set_clip(ckpt, 0.8)
+
+
+def test_simulated_model_holds_the_packed_codes(hf_llama, tmp_path):
+    """The clip search's model keeps each linear's codes packed as the checkpoint stores them (a
+    7B model's int8 codes would be 6 GiB more on the host): the buffers are the file's uint8
+    tensors, and the codes the CPU reference multiplies are exactly their unpacking."""
+    from safetensors.torch import load_file
+
+    from vllm_rotquant.format import unpack_int4
+    from vllm_rotquant.offline.simulate import SimQuantLinear
+
+    out = tmp_path / "rtn"
+    _quantize(hf_llama, out, weights="rtn", act_clip_ratio=0.9)
+    stored = load_file(out / "model.safetensors")
+    sim = load_simulated(out, torch.float32)
+    lins = {n: m for n, m in sim.named_modules() if isinstance(m, SimQuantLinear)}
+    assert lins
+    for name, lin in lins.items():
+        assert "w_int" not in dict(lin.named_buffers())
+        assert lin.w_packed.dtype == torch.uint8 and torch.equal(lin.w_packed, stored[f"{name}.weight_packed"])
+        assert torch.equal(lin.w_int, unpack_int4(stored[f"{name}.weight_packed"]))
+        assert (lin.out_features, lin.in_features) == lin.w_int.shape
