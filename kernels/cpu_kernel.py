@@ -252,15 +252,17 @@ class CpuInt8Kernel(RotQuantKernel):
             return q, scale, None
         return ref.quant_act_asym_ref(y, s.clip, s.act_bits, vmax, vmin)
 
-    def quantize_input(self, x2, all_gather=None):
+    def quantize_input(self, x2, all_gather=None, weights=None):
         s = self.spec
         if all_gather is None:  # one native pass: [Hadamard +] quantization (block 0: none)
             block = s.hadamard_block or 0
+            if s.transform:  # the declared transform (reference op, float32), then the native quantizer
+                x2 = self.transform(x2, weights)
             if s.act_symmetric:
                 q, scale = torch.ops.rotquant.cpu_hadamard_quant(x2, block, s.clip, s.act_bits)
                 return q, scale, None
             return torch.ops.rotquant.cpu_hadamard_quant_asym(x2, block, s.clip, s.act_bits)
-        return super().quantize_input(x2, all_gather)
+        return super().quantize_input(x2, all_gather, weights)
 
     def gemm(self, q, scale, zero, weights, out_dtype):
         return torch.ops.rotquant.cpu_gemm(q, scale, zero, weights["w_nib"], weights["w_onednn"], weights["w_scale"],

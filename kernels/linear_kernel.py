@@ -26,7 +26,7 @@ from typing import Callable, ClassVar
 
 import torch
 
-from vllm_rotquant.format import CheckpointError
+from vllm_rotquant.format import CheckpointError, InputTransform
 from vllm_rotquant.kernels import reference as ref
 
 __all__ = ["LinearSpec", "RotQuantKernel", "NoKernelError", "choose_kernel", "kernel_class", "KERNEL_ORDER",
@@ -58,6 +58,7 @@ class LinearSpec:
     global_act_range: bool  # row-parallel at tp > 1: the per-token range is all-gathered over TP
     device_type: str  # "cpu", "cuda"
     act_dtype: torch.dtype
+    transform: InputTransform | None = None  # a declared online input transform (instead of R4)
 
     @property
     def groups(self) -> int:
@@ -70,6 +71,8 @@ class LinearSpec:
                  str(self.act_dtype).replace("torch.", "")]
         if self.hadamard_block:
             parts.append(f"R4 block {self.hadamard_block}")
+        if self.transform:
+            parts.append(f"input {self.transform.describe()}")
         if self.global_act_range:
             parts.append("TP-global activation range")
         return ", ".join(parts)
@@ -107,6 +110,22 @@ class RotQuantKernel(abc.ABC):
             raise NotImplementedError(f"{self.name}.rotate")
         return x2
 
+    def prepare_transform(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The declared input transform's checkpoint tensors (leaf name -> tensor, this rank's
+        part) -> runtime tensors, named "t_<leaf>" among the layer's weights. Called once at load."""
+        return {f"t_{leaf}": t.contiguous() for leaf, t in tensors.items()}
+
+    def transform(self, x2: torch.Tensor, weights: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The declared input transform of x2 [M, K] (float32 out); the reference ops by default."""
+        from vllm_rotquant.kernels import ops
+
+        leaves = {k[2:]: v for k, v in weights.items() if k.startswith("t_")}
+        return ops.input_transform(x2, self.spec.transform.type, leaves)
+
+    def online_input(self, x2: torch.Tensor, weights: dict[str, torch.Tensor] | None) -> torch.Tensor:
+        """What the quantizer reads: the declared transform, the R4 Hadamard, or x2 itself."""
+        return self.transform(x2, weights) if self.spec.transform else self.rotate(x2)
+
     @abc.abstractmethod
     def quantize(self, y: torch.Tensor, vmax: torch.Tensor | None = None, vmin: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -120,11 +139,13 @@ class RotQuantKernel(abc.ABC):
         """Quantized activations x INT4 weights: exact integer accumulation, the reference's
         epilogue -> [M, N] out_dtype."""
 
-    def quantize_input(self, x2: torch.Tensor, all_gather: Callable | None = None):
-        """[online Hadamard] + per-token quantization of x2 [M, K]. `all_gather(t, dim)` (the TP
-        group's) makes the range that of the whole row: each rank's per-token (max, min) are
-        gathered (2M floats) and every rank quantizes with the scale tp = 1 would use."""
-        y = self.rotate(x2)
+    def quantize_input(self, x2: torch.Tensor, all_gather: Callable | None = None,
+                       weights: dict[str, torch.Tensor] | None = None):
+        """[online Hadamard or declared transform] + per-token quantization of x2 [M, K].
+        `all_gather(t, dim)` (the TP group's) makes the range that of the whole row: each rank's
+        per-token (max, min) are gathered (2M floats) and every rank quantizes with the scale
+        tp = 1 would use."""
+        y = self.online_input(x2, weights)
         if all_gather is None:
             return self.quantize(y)
         vmax, vmin = ref.row_range(y)
@@ -152,9 +173,13 @@ class RotQuantKernel(abc.ABC):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, k)
         if self.spec.act_bits >= 16:
-            out = (self.rotate_as_input(x2) if self.spec.hadamard_block else x2) @ weights["w_dequant"].T
+            if self.spec.transform:
+                x2 = self.transform(x2, weights).to(x.dtype)
+            elif self.spec.hadamard_block:
+                x2 = self.rotate_as_input(x2)
+            out = x2 @ weights["w_dequant"].T
         else:
-            q, s, z = self.quantize_input(x2, all_gather)
+            q, s, z = self.quantize_input(x2, all_gather, weights)
             out = self.gemm(q, s, z, weights, x.dtype)
         if bias is not None:
             out = out + bias

@@ -16,7 +16,7 @@ from vllm_rotquant.kernels import reference as ref
 from vllm_rotquant.kernels.layout import kernel_layout_to_int, prepare_weight, weight_in_features
 
 __all__ = ["quant_act", "quant_act_asym", "quant_act_in_range", "quant_act_asym_in_range", "hadamard_quant",
-           "hadamard_quant_asym", "hadamard", "w4a4_gemm", "weight_sums", "rotquant_linear", "prepare_weight"]
+           "hadamard_quant_asym", "hadamard", "block_rotation", "kronecker", "input_transform", "w4a4_gemm", "weight_sums", "rotquant_linear", "prepare_weight"]
 
 
 def _weight_int(w: torch.Tensor) -> torch.Tensor:
@@ -111,6 +111,36 @@ def _(x, block):
     return torch.empty_like(x)
 
 
+@torch.library.custom_op("rotquant::block_rotation", mutates_args=())
+def block_rotation(x: torch.Tensor, diag: torch.Tensor, rot1: torch.Tensor, perm: torch.Tensor,
+                   rot2: torch.Tensor) -> torch.Tensor:
+    """DuQuant's declared input transform (kernels/reference.py), float32 out."""
+    return ref.block_rotation_ref(x, diag, rot1, perm, rot2)
+
+
+@block_rotation.register_fake
+def _(x, diag, rot1, perm, rot2):
+    return x.new_empty(x.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("rotquant::kronecker", mutates_args=())
+def kronecker(x: torch.Tensor, diag: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """FlatQuant's declared input transform (kernels/reference.py), float32 out."""
+    return ref.kronecker_ref(x, diag, left, right)
+
+
+@kronecker.register_fake
+def _(x, diag, left, right):
+    return x.new_empty(x.shape, dtype=torch.float32)
+
+
+def input_transform(x: torch.Tensor, kind: str, t: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The declared transform `kind` with its tensors `t` (leaf names of format.InputTransform)."""
+    if kind == "block_rotation":
+        return block_rotation(x, t["diag"], t["rot1"], t["perm"], t["rot2"])
+    return kronecker(x, t["diag"], t["left"], t["right"])
+
+
 @torch.library.custom_op("rotquant::w4a4_gemm", mutates_args=())
 def w4a4_gemm(qa: torch.Tensor, sa: torch.Tensor, w: torch.Tensor, sw: torch.Tensor,
               out_dtype: torch.dtype, za: torch.Tensor | None = None,
@@ -144,16 +174,21 @@ def quantize_activations(x: torch.Tensor, act_bits: int, clip: float, hadamard_b
 
 def rotquant_linear(x: torch.Tensor, w: torch.Tensor, sw: torch.Tensor, bias: torch.Tensor | None,
                     act_bits: int, clip: float, hadamard_block: int | None, act_symmetric: bool = True,
-                    wsum: torch.Tensor | None = None) -> torch.Tensor:
+                    wsum: torch.Tensor | None = None,
+                    transform: tuple[str, dict[str, torch.Tensor]] | None = None) -> torch.Tensor:
     """The whole quantized linear, as vLLM's apply and the offline simulation both run it:
-    [online block Hadamard] -> per-token activation quantization -> INT4 GEMM (+ bias).
-    Asymmetric activations need the weight sums (`weight_sums(w, sw.shape[1])`); computed here
+    [online block Hadamard, or the declared input `transform` (type, tensors)] -> per-token
+    activation quantization -> INT4 GEMM (+ bias). Asymmetric activations need the weight sums (`weight_sums(w, sw.shape[1])`); computed here
     when not given."""
     k = _weight_k(w)
     if x.shape[-1] != k:
         raise ValueError(f"rotquant linear: input has {x.shape[-1]} features, weight expects {k}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
+    if transform is not None:
+        x2 = input_transform(x2, *transform)
+        if act_bits >= 16:
+            x2 = x2.to(x.dtype)
     if act_bits >= 16:
         if hadamard_block:
             x2 = hadamard(x2, hadamard_block)

@@ -10,6 +10,8 @@ and the tests use these functions (packing lives in vllm_rotquant/format.py, the
   q = clamp(round_half_even(x / scale) + u, 0, L) - 2^(bits-1) and zero = u - 2^(bits-1): both
   signed, so q holds the same int8 range as the symmetric case and x ~ scale * (q - zero).
 - Online Hadamard: block-diagonal, x.view(..., K/block, block) @ H_block in float32.
+- Declared input transforms (format.InputTransform; DuQuant's block rotations with a
+  permutation, FlatQuant's Kronecker pair), with their per-channel factor, in float32.
 - GEMM: acc = sum_k qa[m,k] * w[n,k] exactly (integer), out = acc * sa[m] * sw[n] in float32,
   rounded once to the output dtype. With groups: out = sa[m] * sum_g acc_g[m,n] * sw[n,g].
   Asymmetric activations: acc (and each acc_g) first loses zero[m] * sum_k w[n,k] over its K
@@ -113,6 +115,42 @@ def hadamard_quant_ref(x: torch.Tensor, block: int, clip: float, bits: int):
 def hadamard_quant_asym_ref(x: torch.Tensor, block: int, clip: float, bits: int):
     """Fused online Hadamard + per-token asymmetric quantization (reference)."""
     return quant_act_asym_ref(hadamard_ref(x, block), clip, bits)
+
+
+def block_rotation_ref(x: torch.Tensor, diag: torch.Tensor, rot1: torch.Tensor, perm: torch.Tensor,
+                       rot2: torch.Tensor) -> torch.Tensor:
+    """DuQuant's served input transform (format.InputTransform), float32 result:
+    y = ((x * diag) @ blockdiag(rot1))[:, perm] @ blockdiag(rot2) along the last dim."""
+    k = x.shape[-1]
+    g, b, _ = rot1.shape
+    if g * b != k or rot2.shape != rot1.shape or diag.shape != (k,) or perm.shape != (k,):
+        raise ValueError(f"block_rotation: input of {k} features, diag {tuple(diag.shape)}, rot1 {tuple(rot1.shape)}, "
+                         f"perm {tuple(perm.shape)}, rot2 {tuple(rot2.shape)}")
+    lead = x.shape[:-1]
+    t = (x.float().reshape(-1, k) * diag.float()).reshape(-1, g, b)
+    t = torch.einsum("mgi,gij->mgj", t, rot1.float()).reshape(-1, k)[:, perm.long()]
+    return torch.einsum("mgi,gij->mgj", t.reshape(-1, g, b), rot2.float()).reshape(*lead, k)
+
+
+def kronecker_ref(x: torch.Tensor, diag: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """FlatQuant's served input transform, float32 result: y = (x * diag) @ (left (x) right),
+    per token left^T X right with X = reshape(x * diag, [n1, n2])."""
+    k = x.shape[-1]
+    n1, n2 = left.shape[0], right.shape[0]
+    if n1 * n2 != k or diag.shape != (k,):
+        raise ValueError(f"kronecker: input of {k} features, diag {tuple(diag.shape)}, factors {n1} x {n2}")
+    lead = x.shape[:-1]
+    t = (x.float().reshape(-1, k) * diag.float()).reshape(-1, n1, n2)
+    return (left.float().T @ t @ right.float()).reshape(*lead, k)
+
+
+def input_transform_ref(x: torch.Tensor, kind: str, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The declared input transform `kind` ("block_rotation" or "kronecker") with its tensors."""
+    if kind == "block_rotation":
+        return block_rotation_ref(x, tensors["diag"], tensors["rot1"], tensors["perm"], tensors["rot2"])
+    if kind == "kronecker":
+        return kronecker_ref(x, tensors["diag"], tensors["left"], tensors["right"])
+    raise ValueError(f"unknown input transform {kind!r}")
 
 
 def row_range(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

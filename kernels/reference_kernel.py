@@ -46,11 +46,11 @@ class ReferenceKernel(RotQuantKernel):
             return q, s, None
         return ops.quant_act_asym_in_range(y, vmax, vmin, spec.clip, spec.act_bits)
 
-    def quantize_input(self, x2, all_gather=None):
+    def quantize_input(self, x2, all_gather=None, weights=None):
         spec = self.spec
-        if all_gather is None:  # the fused reference ops (Hadamard + quantization in one op)
+        if all_gather is None and not spec.transform:  # the fused reference ops (Hadamard + quantization in one op)
             return ops.quantize_activations(x2, spec.act_bits, spec.clip, spec.hadamard_block, spec.act_symmetric)
-        return super().quantize_input(x2, all_gather)
+        return super().quantize_input(x2, all_gather, weights)
 
     def gemm(self, q, scale, zero, weights, out_dtype):
         return ops.w4a4_gemm(q, scale, weights["w_int"], weights["w_scale"], out_dtype, zero, weights.get("w_sum"))

@@ -10,8 +10,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vllm_rotquant.format import (PACKED_SUFFIX, QUANTIZED_PROJECTIONS, SCALE_SUFFIX, CheckpointError, act_override,
-                                  RotQuantSpec, load_checkpoint, unpack_int4)
+from vllm_rotquant.format import (PACKED_SUFFIX, QUANTIZED_PROJECTIONS, SCALE_SUFFIX, TRANSFORM_OWNERS, TRANSFORM_PREFIX,
+                                  CheckpointError, InputTransform, act_override, RotQuantSpec, load_checkpoint,
+                                  unpack_int4)
 from vllm_rotquant.format import is_rotquant_checkpoint  # noqa: F401  (the CLI imports it from here)
 from vllm_rotquant.kernels import ops
 
@@ -32,8 +33,12 @@ class SimQuantLinear(nn.Module):
     runs there instead (logged once). `clip` may be changed between forwards (act_clip.search)."""
 
     def __init__(self, w_packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                 act_bits: int, clip: float, hadamard_block: int | None, act_symmetric: bool = True):
+                 act_bits: int, clip: float, hadamard_block: int | None, act_symmetric: bool = True,
+                 transform: InputTransform | None = None, transform_tensors: dict[str, torch.Tensor] | None = None):
         super().__init__()
+        self.transform = transform  # a declared input transform, its tensors as buffers "t_<leaf>"
+        for leaf, t in (transform_tensors or {}).items():
+            self.register_buffer(f"t_{leaf}", t)
         self.register_buffer("w_packed", w_packed)
         self.register_buffer("scale", scale)
         self.register_buffer("bias", bias)
@@ -51,16 +56,20 @@ class SimQuantLinear(nn.Module):
             self._unpacked = unpack_int4(self.w_packed)
         return self._unpacked
 
+    def _transform_tensors(self) -> dict[str, torch.Tensor]:
+        return {leaf: getattr(self, f"t_{leaf}") for leaf in self.transform.tensors(2)} if self.transform else {}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu":
+            tr = (self.transform.type, self._transform_tensors()) if self.transform else None
             return ops.rotquant_linear(x, self.w_int, self.scale, self.bias, self.act_bits, self.clip,
-                                       self.hadamard_block, self.act_symmetric, self.w_sum)
+                                       self.hadamard_block, self.act_symmetric, self.w_sum, tr)
         from vllm_rotquant.kernels.linear_kernel import LinearSpec, choose_kernel
 
         spec = LinearSpec(self.in_features, self.out_features,
                           None if self.scale.shape[1] == 1 else self.in_features // self.scale.shape[1],
                           self.act_bits, self.act_symmetric, self.clip, self.hadamard_block, False, x.device.type,
-                          x.dtype)
+                          x.dtype, self.transform)
         cls, passed_over = choose_kernel(spec, fallback_to_reference=True)
         if passed_over and (cls.name, spec.describe()) not in _LOGGED:
             _LOGGED.add((cls.name, spec.describe()))
@@ -70,6 +79,9 @@ class SimQuantLinear(nn.Module):
         key = (cls.name, x.device)
         if key not in self._prepared:
             self._prepared[key] = kernel.prepare(self.w_packed.to(x.device), self.scale.to(x.device))
+            if self.transform:
+                self._prepared[key].update(kernel.prepare_transform(
+                    {k: v.to(x.device) for k, v in self._transform_tensors().items()}))
         return kernel.apply(x, self._prepared[key], self.bias)
 
 
@@ -134,10 +146,15 @@ def _install_quant_linears(model, spec: RotQuantSpec, tensors: dict[str, torch.T
                 prefix = f"model.layers.{i}.{parent}.{name}"
                 bias = tensors.get(f"{prefix}.bias")
                 bits, clip = spec.act_for(name)
+                transform = spec.transform_for(name)
+                leaves = None
+                if transform:  # stored once under the input's first projection, shared by its readers
+                    stem = f"model.layers.{i}.{TRANSFORM_OWNERS[transform.kind]}.{TRANSFORM_PREFIX}"
+                    leaves = {leaf: tensors[stem + leaf] for leaf in transform.tensors(2)}
                 lin = SimQuantLinear(
                     tensors[f"{prefix}.{PACKED_SUFFIX}"], tensors[f"{prefix}.{SCALE_SUFFIX}"],
                     None if bias is None else bias.to(dtype), bits, clip,
-                    spec.down_proj_block if name == "down_proj" else None, spec.act_symmetric)
+                    spec.down_proj_block if name == "down_proj" else None, spec.act_symmetric, transform, leaves)
                 # act_clip.search tunes the global clip only, not an act_overrides one
                 lin.clip_searched = act_override(spec.act_overrides, name) is None
                 setattr(owner, name, lin)

@@ -62,6 +62,117 @@ def act_override(overrides: tuple[tuple[str, int, float], ...], module: str) -> 
                 return bits, clip
     return None
 SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# ----------------------------------------------------------------------------- input transforms
+# A declared online transform of a linear's input, applied right before its per-token quantizer
+# (issue 21); its inverse is absorbed into the weights offline, so the float product is unchanged.
+#   block_rotation (DuQuant): y = ((x * diag) @ blockdiag(rot1))[:, perm] @ blockdiag(rot2),
+#       rot1/rot2 [K/block, block, block] orthogonal blocks, perm [K] a channel permutation
+#       (y[:, j] = t[:, perm[j]]);
+#   kronecker (FlatQuant): y = (x * diag) @ (left (x) right), i.e. per token the [n1, n2] matrix
+#       X = reshape(x * diag) becomes left^T X right (left [n1, n1], right [n2, n2] invertible).
+# The tensors live under the first projection that reads the input (TRANSFORM_OWNERS), float32
+# but perm (int32). On a row-parallel input (o, down) a transform must be rank-local at every
+# recorded TP size: blocks and perm within each rank's K/tp columns; a Kronecker pair mixes all
+# columns, so it serves tp 1 only there.
+TRANSFORM_TYPES = ("block_rotation", "kronecker")
+TRANSFORM_OWNERS = {"qkv": "self_attn.q_proj", "o": "self_attn.o_proj", "gate_up": "mlp.gate_proj",
+                    "down": "mlp.down_proj"}
+ROW_PARALLEL_KINDS = ("o", "down")
+TRANSFORM_PREFIX = "transform_"
+MAX_TRANSFORM_BLOCK = 128  # the largest block (or Kronecker factor) the kernels serve
+
+
+@dataclasses.dataclass(frozen=True)
+class InputTransform:
+    """One declared input transform (see above): its input kind, type and block / factors."""
+
+    kind: str
+    type: str
+    block: int | None = None  # block_rotation
+    factors: tuple[int, int] | None = None  # kronecker (n1, n2), n1 * n2 = K
+
+    def tensors(self, k: int) -> dict[str, tuple[tuple[int, ...], tuple[torch.dtype, ...]]]:
+        """Leaf name -> (shape, dtypes) of this transform on an input of K features."""
+        f32 = (torch.float32,)
+        out = {"diag": ((k,), f32)}
+        if self.type == "block_rotation":
+            g = k // self.block
+            out.update(rot1=((g, self.block, self.block), f32), perm=((k,), (torch.int32,)),
+                       rot2=((g, self.block, self.block), f32))
+        else:
+            n1, n2 = self.factors
+            out.update(left=((n1, n1), f32), right=((n2, n2), f32))
+        return out
+
+    def describe(self) -> str:
+        return (f"{self.type} block {self.block}" if self.type == "block_rotation"
+                else f"kronecker {self.factors[0]}x{self.factors[1]}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return ({"type": self.type, "block": self.block} if self.type == "block_rotation"
+                else {"type": self.type, "factors": list(self.factors)})
+
+    @classmethod
+    def from_dict(cls, kind: str, entry: Any, source: str) -> "InputTransform":
+        where = f"{source}.input_transforms.{kind}"
+        if kind not in INPUT_KINDS:
+            raise CheckpointError(f"{where}: unknown input kind (known: {', '.join(INPUT_KINDS)})")
+        if not isinstance(entry, dict) or entry.get("type") not in TRANSFORM_TYPES:
+            raise CheckpointError(f"{where}: expected {{'type': one of {TRANSFORM_TYPES}, ...}}, got {entry!r}")
+
+        def positive(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_TRANSFORM_BLOCK
+
+        if entry["type"] == "block_rotation":
+            if set(entry) != {"type", "block"} or not positive(entry["block"]):
+                raise CheckpointError(f"{where}: expected {{'type': 'block_rotation', 'block': int in "
+                                      f"[1, {MAX_TRANSFORM_BLOCK}]}}, got {entry!r}")
+            return cls(kind, "block_rotation", block=entry["block"])
+        f = entry.get("factors")
+        if set(entry) != {"type", "factors"} or not isinstance(f, list) or len(f) != 2 or not all(map(positive, f)):
+            raise CheckpointError(f"{where}: expected {{'type': 'kronecker', 'factors': [n1, n2]}} with n1, n2 in "
+                                  f"[1, {MAX_TRANSFORM_BLOCK}], got {entry!r}")
+        return cls(kind, "kronecker", factors=(f[0], f[1]))
+
+    def check_width(self, k: int, what: str, tp: int | None, source: str) -> None:
+        """Refuse a transform that does not fit an input of K features (per rank at `tp`)."""
+        at = "" if tp is None else f" at tp {tp}"
+        where = f"{source}: quantization_config.input_transforms.{self.kind}"
+        if self.type == "block_rotation":
+            if k % self.block:
+                raise CheckpointError(f"{where}: block {self.block} does not divide the {what} = {k}{at}")
+        elif tp not in (None, 1):
+            raise CheckpointError(f"{where}: a Kronecker transform mixes all {what.split(' per rank')[0]} columns, so "
+                                  f"it is not rank-local on a row-parallel input; this checkpoint cannot list tp {tp}")
+        elif self.factors[0] * self.factors[1] != k:
+            raise CheckpointError(f"{where}: factors {list(self.factors)} multiply to "
+                                  f"{self.factors[0] * self.factors[1]}, not the {what} = {k}")
+
+
+def transform_tensor_names(owner_prefix: str, transform: InputTransform) -> list[str]:
+    """Checkpoint names of a transform's tensors under its owner projection (e.g.
+    'model.layers.0.self_attn.q_proj.transform_rot1')."""
+    return [f"{owner_prefix}.{TRANSFORM_PREFIX}{leaf}" for leaf in transform.tensors(2)]
+
+
+def check_transform_values(transform: InputTransform, tensors: dict[str, torch.Tensor], k: int,
+                           tp_sizes: tuple[int, ...], where: str) -> None:
+    """Value checks the shapes cannot make: perm is a permutation of range(K) and, on a
+    row-parallel input, maps every rank's K/tp columns into themselves at each TP size."""
+    if transform.type != "block_rotation":
+        return
+    perm = tensors["perm"].long()
+    if not torch.equal(torch.sort(perm).values, torch.arange(k, device=perm.device)):
+        raise CheckpointError(f"{where}.{TRANSFORM_PREFIX}perm: not a permutation of 0..{k - 1}")
+    if transform.kind in ROW_PARALLEL_KINDS:
+        for tp in tp_sizes:
+            chunk = torch.arange(k, device=perm.device) // (k // tp)
+            if not torch.equal(perm // (k // tp), chunk):
+                raise CheckpointError(f"{where}.{TRANSFORM_PREFIX}perm: moves columns between tensor-parallel ranks "
+                                      f"at tp {tp} (a row-parallel input's permutation must stay within each "
+                                      f"rank's {k // tp} columns)")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # embeddings, norms, lm_head, biases
 INDEX_FILE = "model.safetensors.index.json"
 # Written into a checkpoint folder while `rotquant quantize` fills it and removed just before the
@@ -92,6 +203,13 @@ class RotQuantSpec:
     # per input kind (INPUT_KINDS) an activation width and clip other than act_bits/act_clip_ratio:
     # ((kind, bits, clip), ...), e.g. (("gate_up", 8, 1.0),) for 8-bit MLP inputs
     act_overrides: tuple[tuple[str, int, float], ...] = ()
+    # declared online input transforms (DuQuant, FlatQuant), at most one per input kind
+    input_transforms: tuple[InputTransform, ...] = ()
+
+    def transform_for(self, module: str) -> InputTransform | None:
+        """The input transform in front of `module` (a projection's name or path), or None."""
+        kind = input_kind(module)
+        return next((t for t in self.input_transforms if t.kind == kind), None)
 
     def act_for(self, module: str) -> tuple[int, float]:
         """(bits, clip) of the activation quantizer in front of `module` (a projection's name or path)."""
@@ -121,6 +239,10 @@ class RotQuantSpec:
             "ignore": list(self.ignore),
             **({"act_overrides": {k: {"act_bits": b, "act_clip_ratio": c} for k, b, c in self.act_overrides}}
                if self.act_overrides else {}),
+            **({"input_transforms": {t.kind: t.to_dict() for t in self.input_transforms}}
+               if self.input_transforms else {}),
+            # the TP sizes live under online_hadamard.down_proj when R4 is used, else here
+            **({} if self.down_proj_block else {"tp_sizes": list(self.tp_sizes)}),
             "calibration": self.calibration,
         }
 
@@ -171,6 +293,19 @@ class RotQuantSpec:
         tp_sizes = tuple(down.get("tp_sizes", [1])) if isinstance(down, dict) else (1,)
         if not all(isinstance(t, int) and t > 0 for t in tp_sizes):
             raise CheckpointError(f"{source}.online_hadamard.down_proj.tp_sizes: expected positive integers, got {tp_sizes}")
+        if "tp_sizes" in cfg:  # written since input transforms (older checkpoints: under down_proj only)
+            top = field("tp_sizes", list)
+            if not top or not all(isinstance(t, int) and not isinstance(t, bool) and t > 0 for t in top):
+                raise CheckpointError(f"{source}.tp_sizes: expected a list of positive integers, got {top!r}")
+            if isinstance(down, dict) and "tp_sizes" in down and tuple(top) != tp_sizes:
+                raise CheckpointError(f"{source}.tp_sizes {top} disagrees with online_hadamard.down_proj.tp_sizes "
+                                      f"{list(tp_sizes)}")
+            tp_sizes = tuple(top)
+        transforms = tuple(InputTransform.from_dict(kind, entry, source) for kind, entry
+                           in field("input_transforms", dict, required=False, default={}).items())
+        if down_block and any(t.kind == "down" for t in transforms):
+            raise CheckpointError(f"{source}: input_transforms.down and online_hadamard.down_proj both transform the "
+                                  f"down_proj input; a checkpoint declares one of them")
         ignore = field("ignore", list, required=False, default=["lm_head"])
         overrides = []
         for kind, entry in field("act_overrides", dict, required=False, default={}).items():
@@ -199,6 +334,7 @@ class RotQuantSpec:
             ignore=tuple(ignore),
             calibration=field("calibration", dict, required=False, default={}),
             act_overrides=tuple(overrides),
+            input_transforms=transforms,
         )
 
     def check_model_config(self, config: dict[str, Any], source: str = "config.json") -> None:
@@ -232,7 +368,11 @@ class RotQuantSpec:
                 raise CheckpointError(
                     f"{source}: online_hadamard.down_proj.block {self.down_proj_block} does not divide "
                     f"intermediate_size/tp = {inter}/{tp}")
+        kind_of = {"hidden_size (q/k/v/gate/up input)": ("qkv", "gate_up"), "o_proj": ("o",), "down_proj": ("down",)}
         for name, width, tp in widths:
+            for t in self.input_transforms:
+                if t.kind in next(v for key, v in kind_of.items() if name.startswith(key)):
+                    t.check_width(width, name, tp, source)
             at = "" if tp is None else f" ({tp_field} lists {tp})"
             if width % 2:
                 raise CheckpointError(f"{source}: the {name} = {width} is odd; INT4 packs two columns a byte{at}")
@@ -458,6 +598,10 @@ def expected_tensors(spec: RotQuantSpec, config: dict[str, Any]) -> dict[str, tu
                 out[tensor] = (shape, (torch.uint8,) if tensor.endswith(PACKED_SUFFIX) else SCALE_DTYPES)
             if name.rsplit(".", 1)[1] in biased:
                 out[f"{p}.{name}.bias"] = ((out_f,), FLOAT_DTYPES)
+        for t in spec.input_transforms:
+            owner = TRANSFORM_OWNERS[t.kind]
+            for leaf, entry in t.tensors(shapes[owner][1]).items():
+                out[f"{p}.{owner}.{TRANSFORM_PREFIX}{leaf}"] = entry
     return out
 
 
@@ -743,6 +887,13 @@ def load_checkpoint(model_dir: str | Path) -> tuple[Checkpoint, dict[str, torch.
             if bad:
                 raise CheckpointError(f"{ckpt.headers[name].file}: tensor '{name}' holds {bad[0]} NaN/Inf value(s) "
                                       f"(first at flat index {bad[1]})")
+    shapes = linear_shapes(ckpt.config)
+    for t in ckpt.spec.input_transforms:
+        owner = TRANSFORM_OWNERS[t.kind]
+        for i in range(ckpt.config["num_hidden_layers"]):
+            stem = f"model.layers.{i}.{owner}.{TRANSFORM_PREFIX}"
+            check_transform_values(t, {leaf: tensors[stem + leaf] for leaf in t.tensors(2)}, shapes[owner][1],
+                                   ckpt.spec.tp_sizes, f"{ckpt.headers[stem + 'diag'].file}: model.layers.{i}.{owner}")
     return ckpt, tensors
 
 

@@ -34,7 +34,8 @@ from vllm.model_executor.parameter import (ChannelQuantScaleParameter, GroupQuan
                                            PackedvLLMParameter)
 from vllm.model_executor.utils import set_weight_attrs
 
-from vllm_rotquant.format import PACKED_SUFFIX, SCALE_SUFFIX, CheckpointError
+from vllm_rotquant.format import (PACKED_SUFFIX, ROW_PARALLEL_KINDS, SCALE_SUFFIX, TRANSFORM_PREFIX, CheckpointError,
+                                  check_transform_values)
 from vllm_rotquant.kernels.linear_kernel import ENV_VAR, LinearSpec, choose_kernel, requested_kernel
 
 log = init_logger("vllm.rotquant")
@@ -54,6 +55,7 @@ class RotQuantLinearMethod(LinearMethodBase):
         self.spec = quant_config.spec
         self.prefix = prefix
         self.hadamard_block = self.spec.down_proj_block if prefix.endswith("down_proj") else None
+        self.transform = self.spec.transform_for(prefix)  # a declared input transform (DuQuant, FlatQuant)
         self.global_act_scale = False  # set in create_weights for row-parallel layers at tp > 1
         self.kernel = None  # chosen in process_weights_after_loading
         self._weight_names: tuple[str, ...] = ()
@@ -132,6 +134,44 @@ class RotQuantLinearMethod(LinearMethodBase):
         layer.register_parameter(SCALE_SUFFIX, scale)
         set_weight_attrs(packed, extra_weight_attrs)
         set_weight_attrs(scale, extra_weight_attrs)
+        if self.transform:
+            self._create_transform(layer, input_size, k, tp)
+
+    def _create_transform(self, layer, input_size: int, k: int, tp: int) -> None:
+        """The declared input transform's tensors as parameters of this layer, with loaders that
+        take the checkpoint's full tensors (stored once, under the input's first projection) and
+        keep this rank's part: all of it for a column-parallel input; on a row-parallel one its
+        K/tp channels (perm made rank-local, refused if it is not)."""
+        t = self.transform
+        row = t.kind in ROW_PARALLEL_KINDS
+        where = f"rotquant layer '{self.prefix}'"
+        t.check_width(k, f"{t.kind} input per rank" if row else f"{t.kind} input", tp if row else None,
+                      where)
+        rank = getattr(layer, "tp_rank", 0) if row else 0
+        owner = next(iter(layer._rotquant_ckpt_names.values()))
+        for leaf, (shape, dtypes) in t.tensors(input_size if row else k).items():
+            local = (shape[0] // tp, *shape[1:]) if row and leaf in ("diag", "perm", "rot1", "rot2") else shape
+            name = f"{TRANSFORM_PREFIX}{leaf}"
+            param = Parameter(torch.empty(local, dtype=dtypes[0]), requires_grad=False)
+
+            def load(param, loaded, *args, leaf=leaf, shape=shape, local=local, name=name, dtypes=dtypes, **kwargs):
+                tensor = f"{owner}.{name}"
+                if loaded.dtype not in dtypes or tuple(loaded.shape) != shape:
+                    raise CheckpointError(f"rotquant: tensor '{tensor}' is {loaded.dtype} {tuple(loaded.shape)}, "
+                                          f"expected {dtypes[0]} {shape}")
+                if local != shape:
+                    loaded = loaded.narrow(0, rank * local[0], local[0])
+                    if leaf == "perm":
+                        loaded = loaded - rank * local[0]
+                        if bool(((loaded < 0) | (loaded >= local[0])).any()):
+                            raise CheckpointError(f"rotquant: tensor '{tensor}' moves columns between tensor-parallel "
+                                                  f"ranks at tp {tp}; a row-parallel input's permutation must be "
+                                                  f"rank-local")
+                param.data.copy_(loaded)
+                layer._rotquant_loaded.add((name, None))
+
+            param.weight_loader = load
+            layer.register_parameter(name, param)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         names = layer._rotquant_ckpt_names
@@ -139,6 +179,19 @@ class RotQuantLinearMethod(LinearMethodBase):
             for shard, module in names.items():
                 if (suffix, shard) not in layer._rotquant_loaded:
                     raise CheckpointError(f"rotquant: missing tensor '{module}.{suffix}' (layer '{self.prefix}')")
+        transform = {}
+        if self.transform:
+            for leaf in self.transform.tensors(2):
+                name = f"{TRANSFORM_PREFIX}{leaf}"
+                if (name, None) not in layer._rotquant_loaded:
+                    owner = next(iter(names.values()))
+                    raise CheckpointError(f"rotquant: missing tensor '{owner}.{name}' (layer '{self.prefix}')")
+                transform[leaf] = getattr(layer, name).data
+                if transform[leaf].is_floating_point() and not torch.isfinite(transform[leaf]).all():
+                    raise CheckpointError(f"rotquant: '{self.prefix}.{name}' holds non-finite values")
+                delattr(layer, name)
+            check_transform_values(self.transform, transform, transform["diag"].shape[0], (1,), f"rotquant layer "
+                                   f"'{self.prefix}'")
         scale = layer.weight_scale.data
         if not torch.isfinite(scale).all():
             raise CheckpointError(f"rotquant: '{self.prefix}.{SCALE_SUFFIX}' holds non-finite values")
@@ -147,10 +200,12 @@ class RotQuantLinearMethod(LinearMethodBase):
         spec = LinearSpec(in_features=k, out_features=n, group_size=self.spec.group_size, act_bits=self.act_bits,
                           act_symmetric=self.spec.act_symmetric, clip=self.act_clip,
                           hadamard_block=self.hadamard_block, global_act_range=self.global_act_scale,
-                          device_type=packed.device.type, act_dtype=act_dtype)
+                          device_type=packed.device.type, act_dtype=act_dtype, transform=self.transform)
         kernel_cls, passed_over = choose_kernel(spec)  # NoKernelError (a CheckpointError) names every reason
         self.kernel = kernel_cls(spec)
         weights = self.kernel.prepare(packed, scale)
+        if transform:
+            weights.update(self.kernel.prepare_transform(transform))
         del layer.weight_packed, layer.weight_scale, layer._rotquant_loaded
         for name, t in weights.items():
             layer.register_parameter(f"rq_{name}", Parameter(t, requires_grad=False))

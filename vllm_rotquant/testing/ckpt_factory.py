@@ -20,8 +20,8 @@ from typing import Any, Callable
 
 import torch
 
-from vllm_rotquant.format import (PACKED_SUFFIX, SCALE_SUFFIX, RotQuantSpec, head_dim_of,
-                                  linear_shapes, pack_int4)
+from vllm_rotquant.format import (PACKED_SUFFIX, ROW_PARALLEL_KINDS, SCALE_SUFFIX, TRANSFORM_OWNERS, TRANSFORM_PREFIX,
+                                  InputTransform, RotQuantSpec, head_dim_of, linear_shapes, pack_int4)
 
 TOKENIZER_TEXT = """\
 It is a truth universally acknowledged, that a single man in possession of a good fortune,
@@ -58,6 +58,39 @@ def write_tokenizer(out: Path, vocab_size: int = 384) -> int:
 
 def _random_int4(gen: torch.Generator, out_f: int, in_f: int) -> torch.Tensor:
     return torch.randint(-8, 8, (out_f, in_f), generator=gen, dtype=torch.int8)
+
+
+def random_transform(t: InputTransform, k: int, tp: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Random tensors of a declared input transform on K features: per-channel factors in
+    [0.5, 2], orthogonal blocks and a permutation local to each of `tp` ranks (block_rotation), or
+    well-conditioned Kronecker factors."""
+    out = {"diag": 0.5 + 1.5 * torch.rand(k, generator=gen)}
+    if t.type == "block_rotation":
+        g = k // t.block
+        for leaf in ("rot1", "rot2"):
+            out[leaf] = torch.linalg.qr(torch.randn(g, t.block, t.block, generator=gen, dtype=torch.float64))[0].float()
+        chunk = k // tp
+        out["perm"] = torch.cat([torch.randperm(chunk, generator=gen) + r * chunk for r in range(tp)]).to(torch.int32)
+    else:
+        for leaf, n in zip(("left", "right"), t.factors):
+            out[leaf] = torch.eye(n) + 0.3 * torch.randn(n, n, generator=gen) / math.sqrt(n)
+    return out
+
+
+def model_transforms(shape: str, kind_type: str, tp_sizes: tuple[int, ...]) -> tuple[InputTransform, ...]:
+    """Input transforms of `kind_type` ("block_rotation" or "kronecker") on all four inputs of a
+    SHAPES model, sized as `rotquant quantize --method duquant | flatquant` sizes them."""
+    cfg = llama_config(shape)
+    out = []
+    for kind, owner in TRANSFORM_OWNERS.items():
+        k = linear_shapes(cfg)[owner][1]
+        if kind_type == "block_rotation":
+            chunk = k // max(tp_sizes) if kind in ROW_PARALLEL_KINDS else k
+            out.append(InputTransform(kind, kind_type, block=max(d for d in range(1, 129) if chunk % d == 0)))
+        else:
+            n1 = max(d for d in range(1, math.isqrt(k) + 1) if k % d == 0 and k // d <= 128)
+            out.append(InputTransform(kind, kind_type, factors=(n1, k // n1)))
+    return tuple(out)
 
 
 def build_tiny_checkpoint(out_dir: str | Path, *, spec: RotQuantSpec | None = None, seed: int = 0,
@@ -103,6 +136,11 @@ def build_tiny_checkpoint(out_dir: str | Path, *, spec: RotQuantSpec | None = No
             s = (1.0 + 0.5 * torch.rand(out_f, groups, generator=gen)) / (4.6 * math.sqrt(in_f))
             t[f"{p}.{name}.{PACKED_SUFFIX}"] = pack_int4(q)
             t[f"{p}.{name}.{SCALE_SUFFIX}"] = s.to(scale_dtype)
+        for tr in spec.input_transforms:
+            owner = TRANSFORM_OWNERS[tr.kind]
+            tp = max(spec.tp_sizes) if tr.kind in ROW_PARALLEL_KINDS else 1
+            for leaf, v in random_transform(tr, linear_shapes(cfg)[owner][1], tp, gen).items():
+                t[f"{p}.{owner}.{TRANSFORM_PREFIX}{leaf}"] = v
     if mutate is not None:
         mutate(t, cfg)
     from safetensors.torch import save_file
@@ -162,8 +200,8 @@ def write_random_rotquant(folder: Path, shape: str, tp_sizes: tuple[int, ...] | 
     nq, nkv, inter = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["intermediate_size"]
     if tp_sizes is None:  # as offline.pipeline.default_tp_sizes
         tp_sizes = tuple(t for t in (1, 2, 4, 8) if nq % t == 0 and (nkv % t == 0 or t % nkv == 0) and inter % t == 0)
-    spec = RotQuantSpec(down_proj_block=largest_block(inter // max(tp_sizes)), qk_block=head_dim_of(cfg),
-                        tp_sizes=tp_sizes, calibration={"method": "random (benchmark)"}, **spec_kw)
+    spec = RotQuantSpec(**{"down_proj_block": largest_block(inter // max(tp_sizes)), "qk_block": head_dim_of(cfg),
+                           "tp_sizes": tp_sizes, "calibration": {"method": "random (benchmark)"}, **spec_kw})
     cfg["quantization_config"] = spec.to_dict()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator(device=dev).manual_seed(seed)
@@ -181,6 +219,12 @@ def write_random_rotquant(folder: Path, shape: str, tp_sizes: tuple[int, ...] | 
                                                            dtype=torch.uint8)
             t[f"{p}.{name}.weight_scale"] = ((1.0 + 0.5 * torch.rand(out_f, groups, generator=g, device=dev))
                                              / (4.6 * math.sqrt(in_f))).to(torch.float16)
+        for tr in spec.input_transforms:
+            owner = TRANSFORM_OWNERS[tr.kind]
+            tp = max(spec.tp_sizes) if tr.kind in ROW_PARALLEL_KINDS else 1
+            cpu_gen = torch.Generator().manual_seed(seed * 1000 + i)
+            for leaf, v in random_transform(tr, linear_shapes(cfg)[owner][1], tp, cpu_gen).items():
+                t[f"{p}.{owner}.{TRANSFORM_PREFIX}{leaf}"] = v
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.cpu().contiguous() for k, v in t.items()}, str(folder / "model.safetensors"),
               metadata={"format": "pt"})

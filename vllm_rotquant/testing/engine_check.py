@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from vllm_rotquant.format import RotQuantSpec
+from vllm_rotquant.format import InputTransform, RotQuantSpec
 from vllm_rotquant.testing.ckpt_factory import build_tiny_checkpoint, reference_logprobs
 
 PROMPTS, TOKENS = 8, 40  # tokens per prompt
@@ -35,11 +35,20 @@ CASES = {
     "a8-asym-group32": dict(act_bits=8, act_symmetric=False, group_size=32),
     "a16-group32": dict(act_bits=16, group_size=32),
     "a4-gate_up-a8": dict(act_overrides=(("gate_up", 8, 1.0),)),  # act_overrides by input kind
+    # declared input transforms on all four inputs (the down one instead of R4): DuQuant's block
+    # rotations (TP 1 and 2), FlatQuant's Kronecker pairs (TP 1: not rank-local on o/down)
+    "a4-duquant": dict(down_proj_block=None, input_transforms=tuple(
+        InputTransform(k, "block_rotation", block=b) for k, b in (("qkv", 64), ("o", 32), ("gate_up", 64),
+                                                                   ("down", 64)))),
+    "a4-flatquant": dict(down_proj_block=None, tp_sizes=(1,), input_transforms=tuple(
+        InputTransform(k, "kronecker", factors=f) for k, f in (("qkv", (8, 16)), ("o", (8, 16)),
+                                                                ("gate_up", (8, 16)), ("down", (16, 16))))),
 }
 
 
 def case_spec(case: str) -> RotQuantSpec:
-    return RotQuantSpec(down_proj_block=128, qk_block=32, tp_sizes=(1, 2), act_clip_ratio=0.9, **CASES[case])
+    return RotQuantSpec(**{"down_proj_block": 128, "qk_block": 32, "tp_sizes": (1, 2), "act_clip_ratio": 0.9,
+                           **CASES[case]})
 
 
 def served_logprobs(ckpt, prompts: list[list[int]], eager: bool = False, dtype: str = "float32",
