@@ -66,6 +66,16 @@ ROWS = {
                                                            "smooth": "smoothquant"}),
     "W4A8 smoothquant+hadamard+GPTQ served": ("hadamard", "gptq", 8, None, {**SERVED, "smooth": "smoothquant"}),
     "W4A8 hadamard+GPTQ served": ("hadamard", "gptq", 8, None, SERVED),
+    # online input transforms on all four inputs (offline/transforms.py, issue 21): on top of R1/R2
+    # (the down one replaces R4), or DuQuant alone as its paper runs it (no rotation)
+    "W4A4 duquant+hadamard+GPTQ served gate_up A8": ("hadamard", "gptq", 4, None, {
+        **SERVED, "act_overrides": (("gate_up", 8, 1.0),), "method": "duquant"}),
+    "W4A4 duquant+GPTQ served gate_up A8": ("none", "gptq", 4, None, {
+        **SERVED, "act_overrides": (("gate_up", 8, 1.0),), "method": "duquant"}),
+    "W4A4 flatquant+hadamard+GPTQ served gate_up A8": ("hadamard", "gptq", 4, None, {
+        **SERVED, "act_overrides": (("gate_up", 8, 1.0),), "method": "flatquant"}),
+    "W4A8 duquant+hadamard+GPTQ served": ("hadamard", "gptq", 8, None, {**SERVED, "method": "duquant"}),
+    "W4A8 flatquant+hadamard+GPTQ served": ("hadamard", "gptq", 8, None, {**SERVED, "method": "flatquant"}),
     "W4A4 dartquant+GPTQ served": ("dartquant", "gptq", 4, None, SERVED),
     "W4A8 dartquant+GPTQ served": ("dartquant", "gptq", 8, None, SERVED),
     "W4A4 hadamard+GPTQ served asym": ("hadamard", "gptq", 4, None, SERVED),

@@ -71,6 +71,7 @@ def _add_option_fields(p: argparse.ArgumentParser, cls, title: str) -> None:
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         kind = hints[f.name]
+        many = typing.get_origin(kind) is tuple  # e.g. --tf-kinds qkv o
         kind = next((a for a in typing.get_args(kind) if a is not type(None)), kind)
         help_text = f.metadata["help"] + ("" if f.default is None else " (default: %(default)s)")
         kw: dict = {"default": f.default, "help": help_text, "dest": cls.PREFIX.replace("-", "_") + f.name}
@@ -78,6 +79,8 @@ def _add_option_fields(p: argparse.ArgumentParser, cls, title: str) -> None:
             kw["action"] = argparse.BooleanOptionalAction
         else:
             kw["type"] = kind
+            if many:
+                kw["nargs"] = "+"
             if "choices" in f.metadata:
                 kw["choices"] = f.metadata["choices"]
         group.add_argument(cls.flag(f.name), **kw)
@@ -105,7 +108,8 @@ def cmd_fetch_data(args) -> int:
 
 def quantize_options(args):
     """The QuantizeOptions of parsed `rotquant quantize` arguments (validated: ValueError naming the option)."""
-    from vllm_rotquant.offline.options import DartQuantOptions, GPTQOptions, QuantizeOptions, SpinQuantOptions
+    from vllm_rotquant.offline.options import (DartQuantOptions, GPTQOptions, QuantizeOptions, SpinQuantOptions,
+                                               TransformOptions)
 
     return QuantizeOptions(
         rotation=args.rotation, weights=args.weights, weight_bits=args.weight_bits, act_bits=args.act_bits,
@@ -113,7 +117,8 @@ def quantize_options(args):
         act_overrides=None if args.act_override is None else tuple(o for o in args.act_override if o is not None),
         calib=args.calib, calib_tokens=args.calib_tokens, calib_seq_len=args.calib_seq_len, seed=args.seed,
         device=args.device, tp_sizes=tuple(args.tp_sizes) if args.tp_sizes else None, r4_block=args.r4_block,
-        batch_size=args.batch_size, smooth=args.smooth, smooth_alpha=args.smooth_alpha,
+        batch_size=args.batch_size, smooth=args.smooth, smooth_alpha=args.smooth_alpha, method=args.method,
+        transform=_option_fields(args, TransformOptions),
         gptq=_option_fields(args, GPTQOptions),
         dartquant=_option_fields(args, DartQuantOptions), spinquant=_option_fields(args, SpinQuantOptions))
 
@@ -168,8 +173,8 @@ DEVICE_METAVAR = "{cpu,cuda,cuda:N}"
 def _add_quantize_parser(sub) -> None:
     from vllm_rotquant.format import ROTATIONS, SUPPORTED_ACT_BITS, SUPPORTED_WEIGHT_BITS
     from vllm_rotquant.offline.act_clip import GRID, SCORE_TOKENS, START
-    from vllm_rotquant.offline.options import (SMOOTH_METHODS, WEIGHT_QUANTIZERS, DartQuantOptions, GPTQOptions,
-                                               QuantizeOptions, SpinQuantOptions, defaults)
+    from vllm_rotquant.offline.options import (METHODS, SMOOTH_METHODS, WEIGHT_QUANTIZERS, DartQuantOptions, GPTQOptions,
+                                               QuantizeOptions, SpinQuantOptions, TransformOptions, defaults)
 
     Q = defaults(QuantizeOptions)
     q = sub.add_parser("quantize", help="fold, rotate and quantize a HF model into a rotquant checkpoint",
@@ -220,6 +225,11 @@ def _add_quantize_parser(sub) -> None:
                         "rotations (default: %(default)s)")
     q.add_argument("--smooth-alpha", type=float, default=Q["smooth_alpha"],
                    help="smoothing strength: s = max|x|^alpha / max|w|^(1-alpha) (default: %(default)s)")
+    q.add_argument("--method", choices=METHODS, default=Q["method"],
+                   help="online input transforms calibrated per layer and applied before each quantizer: DuQuant's "
+                        "block rotations with a zigzag permutation, or FlatQuant's learned Kronecker pair "
+                        "(default: %(default)s)")
+    _add_option_fields(q, TransformOptions, "input transforms (--method duquant | flatquant)")
     _add_option_fields(q, DartQuantOptions, "DartQuant (--rotation dartquant, or --sq-start dartquant)")
     _add_option_fields(q, SpinQuantOptions, "SpinQuant: rotations learned through the quantized model "
                                             "(--rotation spinquant)")

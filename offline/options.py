@@ -242,6 +242,44 @@ def flag(name: str) -> str:
 # (clip 1.0). Their input is the most sensitive of the four (bench/probe_act_quant.py kind-bits),
 # and on Hopper and on the CPU an 8-bit activation costs what a 4-bit one does (int8 MMA / VNNI).
 SMOOTH_METHODS = ("none", "smoothquant")  # --smooth (offline/smooth.py)
+METHODS = ("none", "duquant", "flatquant")  # --method: online input transforms (offline/transforms.py)
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformOptions(_FromDict):
+    """The online input transforms of --method duquant | flatquant (offline/transforms.py explains
+    each step). DuQuant's reference (Hsu-hsu/DuQuant) uses block 128, smoothing alpha 0.6 and a
+    few greedy steps; FlatQuant's (ruikangliu/FlatQuant) trains 15 epochs of 128 x 2048 tokens
+    per layer with AdamW at lr 5e-3."""
+
+    LABEL = "transform"
+    PREFIX = "tf-"
+
+    kinds: tuple[str, ...] = _opt(("qkv", "o", "gate_up", "down"),
+                                  "input kinds that get a transform (the down one replaces R4)")
+    block: int | None = _opt(None, "DuQuant block size (default: the largest divisor <= 128 of each input, per rank)")
+    alpha: float = _opt(0.6, "DuQuant smoothing strength s = max|x|^alpha / max|w|^(1-alpha) (0: no smoothing)")
+    steps: int = _opt(8, "DuQuant greedy rotation steps per block and rotation")
+    tokens: int = _opt(2048, "calibration tokens per layer DuQuant's rotations are fitted on")
+    epochs: int = _opt(2, "FlatQuant passes over the calibration windows per layer")
+    lr: float = _opt(5e-3, "FlatQuant AdamW learning rate of the transforms")
+    batch: int = _opt(4, "FlatQuant windows per training step")
+
+    def __post_init__(self):
+        kinds = tuple(self.kinds)
+        object.__setattr__(self, "kinds", kinds)
+        bad = [k for k in kinds if k not in INPUT_KINDS]
+        if bad or not kinds or len(set(kinds)) != len(kinds):
+            raise ValueError(f"--tf-kinds {' '.join(map(str, kinds))}: expected distinct input kinds among "
+                             f"{', '.join(INPUT_KINDS)}")
+        if self.block is not None:
+            _need_int("--tf-block", self.block, 2)
+        _need_range("--tf-alpha", self.alpha, 0.0, 1.0, hi_open=False)
+        _need_int("--tf-steps", self.steps, 0)
+        _need_int("--tf-tokens", self.tokens, 16)
+        _need_int("--tf-epochs", self.epochs, 0)
+        _need_positive("--tf-lr", self.lr)
+        _need_int("--tf-batch", self.batch, 1)
 
 DEFAULT_ACT_OVERRIDES: tuple[tuple[str, int, float], ...] = (("gate_up", 8, 1.0),)
 
@@ -274,9 +312,15 @@ class QuantizeOptions:
     spinquant: SpinQuantOptions = dataclasses.field(default_factory=SpinQuantOptions)
     smooth: str = "none"  # none | smoothquant: per-channel scales on the v/o and up/down pairs (offline/smooth.py)
     smooth_alpha: float = 0.5  # SmoothQuant's migration strength: s = a^alpha / w^(1 - alpha)
+    method: str = "none"  # none | duquant | flatquant: online input transforms (offline/transforms.py)
+    transform: TransformOptions = dataclasses.field(default_factory=TransformOptions)
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
+        if isinstance(self.transform, dict):
+            set_("transform", TransformOptions.from_dict(self.transform))
+        if self.method not in METHODS:
+            raise ValueError(f"--method {self.method!r}: expected one of {', '.join(METHODS)}")
         if isinstance(self.dartquant, dict):
             set_("dartquant", DartQuantOptions.from_dict(self.dartquant))
         if isinstance(self.gptq, dict):
@@ -367,7 +411,12 @@ class QuantizeOptions:
     @property
     def needs_calibration(self) -> bool:
         return self.weights == "gptq" or self.rotation in ("dartquant", "spinquant") or self.tune_clip \
-            or self.smooth != "none"
+            or self.smooth != "none" or self.method != "none"
+
+    @property
+    def transform_kinds(self) -> tuple[str, ...]:
+        """The input kinds that get an online transform (none without --method)."""
+        return self.transform.kinds if self.method != "none" else ()
 
     @property
     def spin_start(self) -> str | None:
@@ -386,7 +435,13 @@ class QuantizeOptions:
 
     # ------------------------------------------------------------------ against a model
     def tp_sizes_for(self, config) -> tuple[int, ...]:
-        return self.tp_sizes or default_tp_sizes(config)
+        """The TP sizes the checkpoint supports: --tp-sizes, else every one the shapes allow (FlatQuant
+        on o/down inputs: tp 1 only, its Kronecker transform mixing all of a row-parallel input)."""
+        if self.tp_sizes:
+            return self.tp_sizes
+        if self.method == "flatquant" and set(self.transform_kinds) & {"o", "down"}:
+            return (1,)
+        return default_tp_sizes(config)
 
     def check_model(self, config) -> None:
         """The checks that need the model's shapes; ValueError naming the option."""
@@ -401,6 +456,10 @@ class QuantizeOptions:
                 raise ValueError(f"--tp-sizes {tp}: the model's {nq} query / {nkv} KV heads and intermediate size "
                                  f"{config.intermediate_size} do not split over {tp} ranks")
         check_group_size(config, self.group_size, tp_sizes)
+        if self.method == "flatquant" and max(tp_sizes) > 1 and set(self.transform_kinds) & {"o", "down"}:
+            raise ValueError(f"--method flatquant with --tp-sizes {' '.join(map(str, tp_sizes))}: a Kronecker transform "
+                             f"on the o/down inputs mixes all columns of a row-parallel input, so it serves tp 1 only; "
+                             f"pass --tp-sizes 1 or --tf-kinds qkv gate_up")
 
 
 def default_tp_sizes(config) -> tuple[int, ...]:

@@ -217,7 +217,8 @@ def quantize_model(model, tokenizer, options: QuantizeOptions = QuantizeOptions(
     rotations, dq_run, sq_run, spin_clip, rotation_s, hooks = Rotations(), None, None, None, None, []
     if opts.rotation != "none":
         t = time.time()
-        r4_block = plan_r4_block(config, tp_sizes, opts.r4_block)
+        # a transform on the down input replaces R4 there
+        r4_block = None if "down" in opts.transform_kinds else plan_r4_block(config, tp_sizes, opts.r4_block)
         r3_block = head_geometry(config)[2]
         if "dartquant" in (opts.rotation, opts.spin_start):
             rotations, dq_run = dartquant_rotations(model, windows, r4_block, r3_block, opts)
@@ -229,7 +230,7 @@ def quantize_model(model, tokenizer, options: QuantizeOptions = QuantizeOptions(
     # GPTQ on served inputs needs the activation clip before the weights: searched on the
     # unquantized weights (the clip the checkpoint keeps is searched again on the written one)
     served_clip, clip_record = None, None
-    if served_clip_needed(opts):
+    if served_clip_needed(opts) and opts.method == "none":
         if spin_clip is not None:  # the clip the rotations were learned for, searched on their start
             clip_record = spin_clip
             served_clip = clip_record["chosen"]
@@ -241,8 +242,20 @@ def quantize_model(model, tokenizer, options: QuantizeOptions = QuantizeOptions(
     if opts.rotation != "none":
         t = time.time()
         # GPTQ's calibration forwards run the fp model: it needs the online twin of R4
-        hooks = apply_rotations(model, rotations, opts.device, online=opts.weights == "gptq")
+        hooks = apply_rotations(model, rotations, opts.device, online=opts.weights == "gptq" or opts.method != "none")
         rotation_s += time.time() - t
+    transforms, transform_record = {}, None
+    if opts.method != "none":  # calibrated on the rotated float model, absorbed, hooked (offline/transforms.py)
+        from vllm_rotquant.offline import transforms as tf
+
+        more, transforms, transform_record = tf.calibrate_transforms(model, windows, opts, tp_sizes)
+        hooks += more
+        if served_clip_needed(opts):  # the clip GPTQ fits to, searched through the transforms
+            if opts.act_clip_ratio == "auto":
+                clip_record = act_clip.search_unquantized_weights(model, windows, Rotations(), opts)
+                served_clip = clip_record["chosen"]
+            else:
+                served_clip = float(opts.act_clip_ratio)
 
     t = time.time()
     try:
@@ -258,6 +271,12 @@ def quantize_model(model, tokenizer, options: QuantizeOptions = QuantizeOptions(
     if unquantized_dtype is None:
         unquantized_dtype = _unquantized_dtype({"dtype": getattr(config, "dtype", None)})
     tensors = checkpoint_tensors(model, arch, packed, unquantized_dtype)
+    input_transforms = ()
+    if transforms:
+        from vllm_rotquant.offline import transforms as tf
+
+        tensors = dict(sorted({**tensors, **tf.checkpoint_tensors(transforms, arch)}.items()))
+        input_transforms = tuple({t.spec.kind: t.spec for t in transforms.values()}.values())
     timings = {"prepare_s": prepare_s, "weights_s": weights_s}
     if rotation_s is not None:
         timings["rotation_s"] = rotation_s
@@ -265,6 +284,7 @@ def quantize_model(model, tokenizer, options: QuantizeOptions = QuantizeOptions(
         weight_bits=opts.weight_bits, group_size=opts.group_size, act_bits=opts.act_bits,
         act_clip_ratio=opts.initial_clip, act_symmetric=opts.act_symmetric, rotation=opts.rotation, seed=opts.seed,
         act_overrides=opts.resolved_act_overrides, down_proj_block=rotations.r4_block, qk_block=rotations.r3_block, tp_sizes=tp_sizes,
+        input_transforms=input_transforms,
         calibration={
             "method": opts.weights, "data": opts.calib if opts.needs_calibration else None,
             "tokens": int(windows.numel()) if windows is not None else 0, "seq_len": opts.calib_seq_len,
@@ -273,6 +293,7 @@ def quantize_model(model, tokenizer, options: QuantizeOptions = QuantizeOptions(
             "spinquant": {**opts.spinquant.to_dict(), **sq_run.record()} if sq_run is not None else None,
             "served_inputs_clip": clip_record,
             "smooth": smooth_record,  # absorbed into the weights: provenance only, nothing to serve
+            "transforms": transform_record,
             "device": opts.device, **{k: round(v, 2) for k, v in timings.items()},
         })
     report = QuantizeReport(
