@@ -9,7 +9,10 @@ process (a timeout around each; results written as they come):
                        vLLM converts it to gptq_marlin and picks its mixed-precision kernel
                        (Machete on Hopper; the log line is recorded);
 - w4a4, w4a8, w4a4-asym  a random rotquant checkpoint (packed INT4 weights, per-channel scales,
-                       R4 block as `rotquant quantize` would choose it, R3 on), written once.
+                       R4 block as `rotquant quantize` would choose it, R3 on), written once;
+- w4a4-duquant, w4a4-flatquant  the same with random declared input transforms on all four inputs
+                       (DuQuant block rotations + permutation, FlatQuant Kronecker pairs; the down
+                       one instead of R4), sized as `rotquant quantize --method ...` sizes them.
 vLLM's default mode: torch.compile + CUDA graphs (capture sizes limited to the batch sizes
 measured, to shorten start-up). Prompts are random token ids (`skip_tokenizer_init`).
 Measured per variant:
@@ -34,10 +37,18 @@ import sys
 import time
 from pathlib import Path
 
-from vllm_rotquant.testing.ckpt_factory import SHAPES, llama_config, write_random_rotquant
+from vllm_rotquant.testing.ckpt_factory import SHAPES, llama_config, model_transforms, write_random_rotquant
+
+
+def default_tp_sizes(shape: str) -> tuple[int, ...]:
+    c = SHAPES[shape]
+    nq, nkv, inter = c["num_attention_heads"], c["num_key_value_heads"], c["intermediate_size"]
+    return tuple(t for t in (1, 2, 4, 8) if nq % t == 0 and (nkv % t == 0 or t % nkv == 0) and inter % t == 0)
 from vllm_rotquant.testing.processes import finish, run_isolated
 
-VARIANTS = ("bf16", "fp8", "gptq", "w4a4", "w4a8", "w4a4-asym")
+VARIANTS = ("bf16", "fp8", "gptq", "w4a4", "w4a8", "w4a4-asym", "w4a4-duquant", "w4a4-flatquant")
+# declared input transforms on all four inputs (the down one instead of R4), random tensors
+TRANSFORMED = {"w4a4-duquant": ("block_rotation", None), "w4a4-flatquant": ("kronecker", (1,))}
 ROTQUANT = {"w4a4": dict(act_bits=4), "w4a8": dict(act_bits=8), "w4a4-asym": dict(act_bits=4, act_symmetric=False)}
 DECODE_BATCHES = (1, 16, 64, 256)
 PREFILL = (64, 2048)
@@ -88,6 +99,12 @@ def prepare(variant: str, shape: str, work: Path, tp: int) -> tuple[Path, dict]:
                                                                                "quantization": "fp8"}
     if variant == "gptq":
         return write_config_only(work / f"{shape}-gptq", gptq_config(shape)), {"load_format": "dummy"}
+    if variant in TRANSFORMED:
+        kind_type, tp_sizes = TRANSFORMED[variant]
+        tp_sizes = tp_sizes or default_tp_sizes(shape)
+        return write_random_rotquant(work / f"{shape}-{variant}", shape, tp_sizes=tp_sizes, down_proj_block=None,
+                                     input_transforms=model_transforms(shape, kind_type, tp_sizes)), \
+            {"quantization": "rotquant"}
     if variant in ROTQUANT:
         base = write_random_rotquant(work / f"{shape}-w4a4", shape)
         if variant == "w4a4":

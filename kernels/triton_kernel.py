@@ -1,13 +1,14 @@
 """Triton: the CUDA kernel, a thin wrapper over kernels/triton_quant.py (per-token quantization
-fused with the online Hadamard) and kernels/triton_gemm.py (the W4A4 GEMM), through their custom
-ops (kernels/triton_ops.py). It declares what those kernels serve; a CUDA layer outside that is
+fused with the online Hadamard), kernels/triton_transform.py (the declared input transforms, then
+the same quantizer) and kernels/triton_gemm.py (the W4A4 GEMM), through their custom ops
+(kernels/triton_ops.py). It declares what those kernels serve; a CUDA layer outside that is
 refused at load (no per-call fallback)."""
 from __future__ import annotations
 
 import torch
 
 from vllm_rotquant.kernels import ops
-from vllm_rotquant.kernels import triton_ops, triton_quant
+from vllm_rotquant.kernels import triton_ops, triton_quant, triton_transform
 from vllm_rotquant.kernels.layout import gemm_group_supported, prepare_weight
 from vllm_rotquant.kernels.linear_kernel import LinearSpec, RotQuantKernel
 
@@ -35,6 +36,8 @@ class TritonKernel(RotQuantKernel):
             reason = triton_quant.no_plan_reason(spec.hadamard_block, k)
             if reason:
                 return reason
+        if spec.transform:
+            return triton_transform.no_transform_reason(spec.transform)
         return None
 
     def prepare(self, w_packed: torch.Tensor, w_scale: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -45,6 +48,12 @@ class TritonKernel(RotQuantKernel):
         if not self.spec.act_symmetric:
             out["w_sum"] = ops.weight_sums(w, w_scale.shape[1])
         return out
+
+    def prepare_transform(self, tensors):
+        return triton_transform.prepare(self.spec.transform, tensors)
+
+    def transform(self, x2, weights):
+        return triton_ops.block_transform(x2, *(weights[f"t_{n}"] for n in ("diag", "src1", "b1", "src2", "b2")))
 
     def rotate(self, x2: torch.Tensor) -> torch.Tensor:
         block = self.spec.hadamard_block
@@ -61,11 +70,11 @@ class TritonKernel(RotQuantKernel):
                                                     None, s.act_symmetric)
         return q[:, :k].contiguous(), sa, za
 
-    def quantize_input(self, x2, all_gather=None):
+    def quantize_input(self, x2, all_gather=None, weights=None):
         s = self.spec
-        if all_gather is None:  # the fused Hadamard + quantization kernel
+        if all_gather is None and not s.transform:  # the fused Hadamard + quantization kernel
             return triton_ops.quantize_activations(x2, s.act_bits, s.clip, s.hadamard_block, s.act_symmetric)
-        return super().quantize_input(x2, all_gather)
+        return super().quantize_input(x2, all_gather, weights)
 
     def rotate_as_input(self, x2):
         return triton_ops.hadamard(x2, self.spec.hadamard_block)

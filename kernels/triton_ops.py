@@ -14,9 +14,9 @@ from __future__ import annotations
 import torch
 
 from vllm_rotquant.kernels import ops
-from vllm_rotquant.kernels import triton_gemm, triton_quant
+from vllm_rotquant.kernels import triton_gemm, triton_quant, triton_transform
 
-__all__ = ["quant_act", "quant_act_asym", "hadamard_quant", "hadamard_quant_asym", "hadamard", "w4a4_gemm",
+__all__ = ["quant_act", "quant_act_asym", "hadamard_quant", "hadamard_quant_asym", "hadamard", "block_transform", "w4a4_gemm",
            "weight_sums", "quantize_activations", "rotquant_linear"]
 
 weight_sums = ops.weight_sums
@@ -94,6 +94,18 @@ def w4a4_gemm(qa: torch.Tensor, sa: torch.Tensor, w: torch.Tensor, sw: torch.Ten
 @w4a4_gemm.register_fake
 def _(qa, sa, w, sw, out_dtype, za=None, wsum=None):
     return qa.new_empty((qa.shape[0], w.shape[0]), dtype=out_dtype)
+
+
+@torch.library.custom_op("rotquant::triton_block_transform", mutates_args=(), device_types="cuda")
+def block_transform(x: torch.Tensor, diag: torch.Tensor, src1: torch.Tensor, b1: torch.Tensor, src2: torch.Tensor,
+                    b2: torch.Tensor) -> torch.Tensor:
+    """A declared input transform in the kernel's two-stage form (triton_transform.prepare), float32 out."""
+    return triton_transform.block_transform(x, diag, src1, b1, src2, b2)
+
+
+@block_transform.register_fake
+def _(x, diag, src1, b1, src2, b2):
+    return x.new_empty(x.shape, dtype=torch.float32)
 
 
 def quantize_activations(x: torch.Tensor, act_bits: int, clip: float, hadamard_block: int | None,

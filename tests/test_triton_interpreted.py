@@ -1,6 +1,7 @@
 """The Triton kernels' numerics on the CPU, through Triton's interpreter (`TRITON_INTERPRET=1`):
 per-token quantization (symmetric and asymmetric, 4 and 8 bits), the fused block Hadamard +
-quantization, and the W4A4 GEMM (per-channel, grouped, zero points, split-K) against
+quantization, the declared input transforms, and the W4A4 GEMM (per-channel, grouped, zero points,
+split-K) against
 kernels/reference.py, at small odd shapes.
 
 CI has no GPU, so without this a kernel edit made between device sessions would meet its first
@@ -118,6 +119,25 @@ def _check() -> None:
         wk = prepare_weight(w)
         out = triton_gemm.w4a4_gemm(qa, sa, wk, sw, torch.float32, za=za, wsum=ops.weight_sums(wk, 1))
         assert torch.equal(out, ref.w4a4_gemm_ref(qa, sa, w, sw.float(), torch.float32, za)), ("gemm asym", k, n, m)
+        n_checks += 1
+    # declared input transforms (DuQuant block rotations, FlatQuant Kronecker pairs) in the
+    # kernel's two-stage form: the reference's float32 values up to summation order
+    from vllm_rotquant.format import InputTransform
+    from vllm_rotquant.kernels import triton_transform
+    from vllm_rotquant.testing.ckpt_factory import random_transform
+
+    gen = torch.Generator().manual_seed(3)
+    for t, k, m in [(InputTransform("o", "block_rotation", block=32), 96, 5),
+                    (InputTransform("down", "block_rotation", block=24), 72, 17),  # odd block, padded to 32
+                    (InputTransform("qkv", "kronecker", factors=(6, 10)), 60, 1),
+                    (InputTransform("gate_up", "kronecker", factors=(16, 16)), 256, 33)]:
+        tensors = random_transform(t, k, 1, gen)
+        x = _acts(m, k, seed=k + m, dtype=torch.bfloat16)
+        p = triton_transform.prepare(t, tensors)
+        y = triton_transform.block_transform(x, *(p[f"t_{n}"] for n in ("diag", "src1", "b1", "src2", "b2")))
+        want = ref.input_transform_ref(x, t.type, tensors)
+        scale = want.abs().amax(dim=1, keepdim=True).clamp_min(1e-30)
+        assert ((y - want).abs() / scale).max().item() < 1e-5, ("transform", t, k, m)
         n_checks += 1
     print(f"checked {n_checks} kernel cases under the Triton interpreter")
 

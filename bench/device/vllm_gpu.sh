@@ -16,6 +16,8 @@
 #   offline  (x staged, background) SmolLM2 from the bundled GGUF -> quantize on the GPU (Hadamard +
 #            GPTQ, 16k brown tokens) -> rotquant eval on the GPU, then on the CPU
 #   ckpts    (background) random 7B/8B rotquant checkpoints for the benchmark
+#   transforms (background, after the suite) issue 21: transform kernel tests, their cost
+#            (bench/bench_transforms.py), DuQuant / FlatQuant calibration on the 7B shape
 #   engine   (v staged)  tiny engine tests (tests/gpu/test_vllm_engine.py, parallel) and, at the
 #            same time, SmolLM2 served by vLLM (perplexity, chat) and the OpenAI server
 #   bench    bench/bench_vllm_gpu.py in the background (SHAPES, VARIANTS, PROFILE); poll with
@@ -32,7 +34,7 @@ export ROTQUANT_DATA_DIR=/tmp/stage/extra/data VLLM_USE_FLASHINFER_SAMPLER=0 VLL
     TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 EV=(--data austen --seq-len 512 --windows 16 --json)
 [ -f $W/tiles.json ] && export ROTQUANT_GEMM_TILES=$W/tiles.json
-case "${STEP:?STEP=tune|calib|suite|offline|ckpts|engine|bench|collect}" in
+case "${STEP:?STEP=tune|calib|suite|offline|ckpts|transforms|engine|bench|collect}" in
 tune)
     timeout "${TUNE_S:-480}" python bench/bench_kernels.py --sweep-decode --no-table --write-tuned $W/tiles.json \
         --out "$OUT" > $W/tune.log 2>&1
@@ -96,8 +98,22 @@ bench)
         --variants ${VARIANTS:-bf16 fp8 gptq w4a4 w4a8 w4a4-asym} --profile ${PROFILE:-w4a4} --tp "${TP:-1}" --timeout "${ENGINE_S:-420}" \
         --work $W/bench --out $W/bench/vllm_gpu.json > $W/bench.log 2>&1 < /dev/null &
     sleep "${WAIT_S:-500}"; grep -v "^{" $W/bench.log | tail -3; grep -c '"variant"' $W/bench.log ;;
+transforms)
+    # (issue 21, background, after the suite) the transform kernels' tests and cost, then DuQuant
+    # (DQ_LAYERS layers) and FlatQuant (FQ_LAYERS) on the 7B-shaped model; collect returns them
+    setsid nohup bash -c "for i in \$(seq 300); do [ -f $W/suite.done ] || [ ! -f $W/suite.log ] && break; sleep 2; done
+      timeout 300 python -m pytest -m gpu tests/gpu/test_triton_transform.py -q -p no:cacheprovider -n 4 > $W/t_tests.log 2>&1
+      timeout 300 python bench/bench_transforms.py --out $W/transforms.json > $W/transforms.log 2>&1
+      timeout 600 python bench/bench_calibration.py --preset llama2-7b-random --layers ${DQ_LAYERS:-8} --device cuda --tf32 \
+          --method duquant --out $W/calib_duquant > $W/calib_duquant.log 2>&1
+      timeout 600 python bench/bench_calibration.py --preset llama2-7b-random --layers ${FQ_LAYERS:-2} --device cuda --tf32 \
+          --method flatquant --tp-sizes 1 --out $W/calib_flatquant > $W/calib_flatquant.log 2>&1
+      touch $W/transforms.done" > /dev/null 2>&1 < /dev/null &
+    echo "transform tests, cost and calibrations queued in the background" ;;
 collect)
     for i in $(seq "${WAIT_S:-500}"); do grep -q "^| variant" $W/bench.log 2>/dev/null && break; sleep 1; done
+    mkdir -p "$OUT/t21"; cp -r $W/t_tests.log $W/transforms.* $W/calib_duquant* $W/calib_flatquant* $W/suite.log \
+        "$OUT/t21/" 2>/dev/null
     cp $W/bench/vllm_gpu.json $W/bench/vllm_gpu.md $W/eval_w4a4_cpu.json "$OUT"/ 2>/dev/null
     tar -czf "$OUT/bench_logs.tgz" -C $W/bench $(cd $W/bench && ls *.log) ; tail -60 $W/bench.log ;;
 esac
