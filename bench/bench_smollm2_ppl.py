@@ -65,6 +65,8 @@ ROWS = {
                                                           {**SERVED, "act_overrides": (("gate_up", 8, 1.0),),
                                                            "smooth": "smoothquant"}),
     "W4A8 smoothquant+hadamard+GPTQ served": ("hadamard", "gptq", 8, None, {**SERVED, "smooth": "smoothquant"}),
+    "W4A4 awq+hadamard+GPTQ served gate_up A8": ("hadamard", "gptq", 4, None, {
+        **SERVED, "act_overrides": (("gate_up", 8, 1.0),), "smooth": "awq"}),
     "W4A8 hadamard+GPTQ served": ("hadamard", "gptq", 8, None, SERVED),
     # online input transforms on all four inputs (offline/transforms.py, issue 21): on top of R1/R2
     # (the down one replaces R4), or DuQuant alone as its paper runs it (no rotation)
@@ -72,6 +74,11 @@ ROWS = {
         **SERVED, "act_overrides": (("gate_up", 8, 1.0),), "method": "duquant"}),
     "W4A4 duquant+GPTQ served gate_up A8": ("none", "gptq", 4, None, {
         **SERVED, "act_overrides": (("gate_up", 8, 1.0),), "method": "duquant"}),
+    # DuQuant on the attention inputs only, R4 kept on down (its 128-blocks spread the down input's
+    # outliers less than R4's Hadamard: bench/RESULTS.md)
+    "W4A4 duquant-qkv-o+hadamard+GPTQ served gate_up A8": ("hadamard", "gptq", 4, None, {
+        **SERVED, "act_overrides": (("gate_up", 8, 1.0),), "method": "duquant",
+        "transform": {"kinds": ("qkv", "o")}}),
     "W4A4 flatquant+hadamard+GPTQ served gate_up A8": ("hadamard", "gptq", 4, None, {
         **SERVED, "act_overrides": (("gate_up", 8, 1.0),), "method": "flatquant"}),
     "W4A8 duquant+hadamard+GPTQ served": ("hadamard", "gptq", 8, None, {**SERVED, "method": "duquant"}),

@@ -221,8 +221,9 @@ def _add_quantize_parser(sub) -> None:
     q.add_argument("--batch-size", type=int, default=Q["batch_size"],
                    help="calibration windows per forward (default: %(default)s)")
     q.add_argument("--smooth", choices=SMOOTH_METHODS, default=Q["smooth"],
-                   help="per-channel smoothing absorbed into v_proj/o_proj and up_proj/down_proj before the "
-                        "rotations (default: %(default)s)")
+                   help="per-channel scales absorbed into v_proj/o_proj and up_proj/down_proj before the "
+                        "rotations: SmoothQuant's (max|x|^alpha / max|w|^(1-alpha)) or AWQ's (mean|x|^alpha, alpha "
+                        "searched per layer on the INT4 output error) (default: %(default)s)")
     q.add_argument("--smooth-alpha", type=float, default=Q["smooth_alpha"],
                    help="smoothing strength: s = max|x|^alpha / max|w|^(1-alpha) (default: %(default)s)")
     q.add_argument("--method", choices=METHODS, default=Q["method"],

@@ -241,7 +241,7 @@ def flag(name: str) -> str:
 # The default recipe's per-kind activations at --act-bits 4: gate_proj/up_proj read 8-bit inputs
 # (clip 1.0). Their input is the most sensitive of the four (bench/probe_act_quant.py kind-bits),
 # and on Hopper and on the CPU an 8-bit activation costs what a 4-bit one does (int8 MMA / VNNI).
-SMOOTH_METHODS = ("none", "smoothquant")  # --smooth (offline/smooth.py)
+SMOOTH_METHODS = ("none", "smoothquant", "awq")  # --smooth (offline/smooth.py)
 METHODS = ("none", "duquant", "flatquant")  # --method: online input transforms (offline/transforms.py)
 
 
@@ -310,7 +310,7 @@ class QuantizeOptions:
     gptq: GPTQOptions = dataclasses.field(default_factory=GPTQOptions)
     dartquant: DartQuantOptions = dataclasses.field(default_factory=DartQuantOptions)
     spinquant: SpinQuantOptions = dataclasses.field(default_factory=SpinQuantOptions)
-    smooth: str = "none"  # none | smoothquant: per-channel scales on the v/o and up/down pairs (offline/smooth.py)
+    smooth: str = "none"  # none | smoothquant | awq: per-channel scales on the v/o and up/down pairs (offline/smooth.py)
     smooth_alpha: float = 0.5  # SmoothQuant's migration strength: s = a^alpha / w^(1 - alpha)
     method: str = "none"  # none | duquant | flatquant: online input transforms (offline/transforms.py)
     transform: TransformOptions = dataclasses.field(default_factory=TransformOptions)

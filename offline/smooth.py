@@ -1,5 +1,5 @@
-"""SmoothQuant-style per-channel smoothing absorbed into the weights, where it commutes with the
-rotations (issue 21): the value path (v_proj's output channels / o_proj's input columns) and the
+"""SmoothQuant-style per-channel smoothing, or AWQ's activation-aware scales (`awq_model`),
+absorbed into the weights where it commutes with the rotations (issue 21): the value path (v_proj's output channels / o_proj's input columns) and the
 MLP's up path (up_proj's output channels / down_proj's input columns).
 
 For an input channel j of o_proj or down_proj with calibration max |x_j| = a_j and weight column
@@ -123,9 +123,105 @@ def _spread(a: torch.Tensor) -> float:
     return float(a.max() / a.median().clamp_min(1e-12))
 
 
-def smooth_model(model, windows: torch.Tensor, method: str, alpha: float, device: str, batch_size: int = 8) -> dict:
-    """`method` ("smoothquant") on a folded float model, in place, before the rotations."""
+class _Stats:
+    """Forward pre-hook: mean |x| per input channel and a seeded sample of `keep` token rows."""
+
+    def __init__(self, keep: int, gen: torch.Generator):
+        self.keep, self.gen = keep, gen
+        self.total, self.count, self.rows = None, 0, []
+
+    def __call__(self, module, args):
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+        a = x.abs().sum(dim=0).cpu()
+        self.total = a if self.total is None else self.total + a
+        self.count += x.shape[0]
+        self.rows.append(x[torch.randperm(x.shape[0], generator=self.gen)[: self.keep].to(x.device)].cpu())
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.total / max(self.count, 1), torch.cat(self.rows)
+
+
+AWQ_GRID = 20  # alphas 0, 1/20, ..., 19/20, as AWQ's search (llm-awq: auto_scale, n_grid 20)
+
+
+def _rtn(w: torch.Tensor, bits: int = 4) -> torch.Tensor:
+    """Per-output-channel symmetric RTN, de-quantized (AWQ's search quantizer)."""
+    qm = 2 ** (bits - 1) - 1
+    scale = (w.abs().amax(dim=1, keepdim=True) / qm).clamp_min(1e-8)
+    return torch.clamp(torch.round(w / scale), -qm - 1, qm) * scale
+
+
+def awq_scale(x: torch.Tensor, mean_abs: torch.Tensor, w: torch.Tensor, expand: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, float]:
+    """AWQ's activation-aware scale of one linear: s = mean|x|^alpha (normalised to geometric mean
+    1) with alpha on a grid, the one minimising ||x W^T - (x / s) Q(W s)^T|| on the token sample x,
+    Q the per-channel INT4 RTN. `expand` maps the scale's channels to W's columns (a v channel to
+    the o_proj columns of every query head of its group). Returns (s float64, alpha)."""
+    x, w = x.double(), w.double()
+    y = x @ w.T
+    best = (float("inf"), torch.ones_like(mean_abs, dtype=torch.float64), 0.0)
+    for i in range(AWQ_GRID):
+        alpha = i / AWQ_GRID
+        sc = mean_abs.double().clamp_min(EPS).pow(alpha)
+        sc = sc / (sc.max() * sc.min()).sqrt()
+        col = sc[expand] if expand is not None else sc
+        err = (y - (x / col) @ _rtn(w * col).T).pow(2).mean().item()
+        if err < best[0]:
+            best = (err, sc, alpha)
+    return best[1], best[2]
+
+
+@torch.no_grad()
+def awq_model(model, windows: torch.Tensor, device: str, batch_size: int = 8, keep: int = 256, seed: int = 0) -> dict:
+    """AWQ's scales on every layer's v/o and up/down pairs (the pairs smoothing can use under the
+    rotations), searched per layer on calibration activations of the folded float model, layer by
+    layer, and absorbed as SmoothQuant's are. Returns a summary (the alphas chosen)."""
+    arch = arch_of(model)
+    heads, kv_heads, head_dim = head_geometry(model.config)
+    group = heads // kv_heads
+    q_head = torch.arange(heads * head_dim) // head_dim
+    kv_of_col = (q_head // group) * head_dim + torch.arange(heads * head_dim) % head_dim
+    gen = torch.Generator().manual_seed(seed)
+    inputs = capture_first_layer_inputs(model, windows, device, batch_size)
+    per_batch = max(1, keep * batch_size // max(1, windows.shape[0]))
+    alphas = []
+    for layer in tqdm(arch.decoder_layers(model), desc="AWQ scales", unit="layer", leave=False):
+        layer.to(device)
+        hooks = {name: _Stats(per_batch, gen) for name in (arch.o_proj, arch.down_proj)}
+        handles = [arch.get(layer, name).register_forward_pre_hook(h) for name, h in hooks.items()]
+        try:
+            run_layer(layer, inputs, keep_outputs=False)
+        finally:
+            for h in handles:
+                h.remove()
+        v, o = arch.get(layer, arch.v_proj), arch.get(layer, arch.o_proj)
+        up, down = arch.get(layer, arch.up_proj), arch.get(layer, arch.down_proj)
+        mean_o, x_o = hooks[arch.o_proj].result()
+        mean_d, x_d = hooks[arch.down_proj].result()
+        mean_v = torch.zeros(kv_heads * head_dim).scatter_reduce(0, kv_of_col, mean_o.float(), "amax")
+        s_v, a_v = awq_scale(x_o, mean_v, o.weight.data.cpu(), kv_of_col)
+        s_down, a_d = awq_scale(x_d, mean_d, down.weight.data.cpu())
+        _scale_rows(v, s_v, inverse=True)
+        _scale_columns(o, s_v[kv_of_col])
+        _scale_rows(up, s_down, inverse=True)
+        _scale_columns(down, s_down)
+        alphas.append((a_v, a_d))
+        inputs.hidden = run_layer(layer, inputs)  # the layer computes what it did: the next one's inputs
+        layer.to("cpu")
+    n = max(1, len(alphas))
+    summary = {"alpha_o_mean": sum(a for a, _ in alphas) / n, "alpha_down_mean": sum(d for _, d in alphas) / n,
+               "alphas": [list(a) for a in alphas], "tokens_per_input": keep}
+    logger.info("AWQ: mean alpha %.2f (v/o), %.2f (up/down) over %d layers", summary["alpha_o_mean"],
+                summary["alpha_down_mean"], n)
+    return summary
+
+
+def smooth_model(model, windows: torch.Tensor, method: str, alpha: float, device: str, batch_size: int = 8,
+                 seed: int = 0) -> dict:
+    """`method` ("smoothquant" or "awq") on a folded float model, in place, before the rotations."""
     if method not in SMOOTH_METHODS or method == "none":
         raise ValueError(f"--smooth {method!r}: expected one of {', '.join(SMOOTH_METHODS[1:])}")
+    if method == "awq":
+        return {"method": "awq", **awq_model(model, windows, device, batch_size, seed=seed)}
     maxima = input_maxima(model, windows, device, batch_size)
     return apply_smoothing(model, maxima, alpha)

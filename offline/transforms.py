@@ -19,7 +19,9 @@ The paper's R = E_d R~ Q steps swap the outlier channel to the first position an
 matrix with a uniform first row; the reflection is one such matrix.
 
 FlatQuant (Sun et al., ICML 2025): per layer, for every transformed input a Kronecker pair
-(left n1 x n1, right n2 x n2, n1 * n2 = K, both initialised to the identity) and a per-channel
+(left n1 x n1, right n2 x n2, n1 * n2 = K, each started from the normalized Hadamard of its
+order where there is one, else the identity: on the down input that start is a K-wide Hadamard,
+what R4 does, which the training then improves on) and a per-channel
 factor, trained with AdamW to make the layer with fake-quantized weights (RTN, per channel) and
 activations (the served quantizers, straight-through rounding) reproduce the float layer's output
 on the calibration windows (MSE). The paper's learnable clipping is left to the checkpoint's
@@ -38,6 +40,7 @@ from tqdm.auto import tqdm
 
 from vllm_rotquant.format import MAX_TRANSFORM_BLOCK, ROW_PARALLEL_KINDS, InputTransform
 from vllm_rotquant.kernels import reference as ref
+from vllm_rotquant.kernels.hadamard import hadamard_matrix, hadamard_supported
 from vllm_rotquant.offline import calibrate
 from vllm_rotquant.offline.arch import ArchMapping, arch_of
 
@@ -239,14 +242,20 @@ def _fake_quant_weight(w: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.clamp(_round_ste(w / scale), -qm - 1, qm) * scale
 
 
+def _start(n: int) -> torch.Tensor:
+    """A factor's starting value: the normalized Hadamard of order n where one exists (then left (x)
+    right is itself a Hadamard of order K: on the down input, R4's rotation), else the identity."""
+    return hadamard_matrix(n, torch.float32) if hadamard_supported(n) else torch.eye(n)
+
+
 class _Kron(torch.nn.Module):
     """A learnable Kronecker transform x -> (x * exp(log_d)) (left (x) right) and its absorption."""
 
     def __init__(self, k: int, factors: tuple[int, int]):
         super().__init__()
         n1, n2 = factors
-        self.left = torch.nn.Parameter(torch.eye(n1))
-        self.right = torch.nn.Parameter(torch.eye(n2))
+        self.left = torch.nn.Parameter(_start(n1))
+        self.right = torch.nn.Parameter(_start(n2))
         self.log_d = torch.nn.Parameter(torch.zeros(k))
 
     def forward(self, x):

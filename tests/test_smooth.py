@@ -1,4 +1,4 @@
-"""SmoothQuant-style smoothing absorbed into v/o and up/down (offline/smooth.py): exact on the float
+"""SmoothQuant-style smoothing and AWQ's scales absorbed into v/o and up/down (offline/smooth.py): exact on the float
 model (with grouped-query attention and biases), flatter inputs for the quantizer, composes with the
 rotations, recorded in the checkpoint, bad options named."""
 from __future__ import annotations
@@ -77,8 +77,9 @@ def test_scales_are_one_for_dead_channels_and_nan_is_refused():
 
 
 def test_bad_options_are_named():
-    with pytest.raises(ValueError, match="--smooth 'awq'"):
-        QuantizeOptions(smooth="awq")
+    with pytest.raises(ValueError, match="--smooth 'gptq'"):
+        QuantizeOptions(smooth="gptq")
+    assert QuantizeOptions(smooth="awq").needs_calibration
     with pytest.raises(ValueError, match="--smooth-alpha 1.5"):
         QuantizeOptions(smooth="smoothquant", smooth_alpha=1.5)
     assert QuantizeOptions(weights="rtn", act_clip_ratio=0.9, smooth="smoothquant").needs_calibration
@@ -93,3 +94,33 @@ def test_cli_smooth_is_recorded(tmp_path, calib_file, capsys):
     capsys.readouterr()
     rec = json.loads((out / "config.json").read_text())["quantization_config"]["calibration"]["smooth"]
     assert rec["alpha"] == 0.6 and len(rec["down_input_max_over_median"]) == 2 and rec["seconds"] >= 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_awq_keeps_the_logits_and_lowers_the_int4_error(arch):
+    """AWQ's scales: exact on the float model (GQA v channels, v bias); per layer the chosen alpha's
+    INT4 output error is the grid's minimum, so never above alpha 0 (no scaling)."""
+    model = _with_outliers(build_hf_module(arch))
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    windows = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(2))
+    rotate.fold_norms(model)
+    ref = _logits(model, ids)
+    summary = smooth.smooth_model(model, windows, "awq", 0.5, "cpu")
+    assert (_logits(model, ids) - ref).abs().max() < 1e-4 * ref.abs().max()
+    assert summary["method"] == "awq" and len(summary["alphas"]) == len(model.model.layers)
+    assert any(a > 0 for pair in summary["alphas"] for a in pair)  # the outlier channels were scaled
+
+
+def test_awq_scale_search_minimises_the_rtn_error():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 64, generator=g, dtype=torch.float64)
+    x[:, 5] *= 30.0  # a salient channel
+    w = torch.randn(32, 64, generator=g, dtype=torch.float64)
+    mean_abs = x.abs().mean(dim=0)
+    s, alpha = smooth.awq_scale(x, mean_abs, w)
+    err = lambda sc: ((x @ w.T) - (x / sc) @ smooth._rtn(w * sc).T).pow(2).mean().item()  # noqa: E731
+    assert alpha > 0 and err(s) < err(torch.ones(64, dtype=torch.float64))
+    assert torch.prod(s.max() * s.min()).sqrt().item() == pytest.approx(1.0)
+    for i in range(smooth.AWQ_GRID):  # no grid point does better
+        sc = mean_abs.pow(i / smooth.AWQ_GRID)
+        assert err(s) <= err(sc / (sc.max() * sc.min()).sqrt()) + 1e-12

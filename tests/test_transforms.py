@@ -14,6 +14,7 @@ from vllm_rotquant.format import (CheckpointError, InputTransform, RotQuantSpec,
                                   validate_checkpoint)
 from vllm_rotquant.kernels import ops
 from vllm_rotquant.kernels import reference as ref
+from vllm_rotquant.kernels.hadamard import hadamard_matrix
 from vllm_rotquant.offline import pipeline, rotate, transforms as tf
 from vllm_rotquant.offline.arch import arch_of
 from vllm_rotquant.offline.model_io import load_hf_model
@@ -137,8 +138,10 @@ def test_calibrated_transforms_leave_the_float_model_unchanged(src, method, cali
     assert (after - before).abs().max() < 1e-3 * before.abs().max()
     t = found[(0, "qkv")]
     assert t.spec.type == ("block_rotation" if method == "duquant" else "kronecker")
-    if method == "flatquant":  # trained: moved away from the identity start
-        assert not torch.allclose(t.tensors["left"], torch.eye(t.tensors["left"].shape[0]))
+    if method == "flatquant":  # trained: moved away from its (Hadamard) start
+        n1 = t.tensors["left"].shape[0]
+        assert not torch.allclose(t.tensors["left"], tf._start(n1), atol=1e-4)
+        assert torch.equal(tf._start(8), hadamard_matrix(8, torch.float32)) and torch.equal(tf._start(7), torch.eye(7))
 
 
 def load_tokenizer_of(path):
