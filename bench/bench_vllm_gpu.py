@@ -39,11 +39,6 @@ from pathlib import Path
 
 from vllm_rotquant.testing.ckpt_factory import SHAPES, llama_config, model_transforms, write_random_rotquant
 
-
-def default_tp_sizes(shape: str) -> tuple[int, ...]:
-    c = SHAPES[shape]
-    nq, nkv, inter = c["num_attention_heads"], c["num_key_value_heads"], c["intermediate_size"]
-    return tuple(t for t in (1, 2, 4, 8) if nq % t == 0 and (nkv % t == 0 or t % nkv == 0) and inter % t == 0)
 from vllm_rotquant.testing.processes import finish, run_isolated
 
 VARIANTS = ("bf16", "fp8", "gptq", "w4a4", "w4a8", "w4a4-asym", "w4a4-duquant", "w4a4-flatquant")
@@ -89,6 +84,12 @@ def same_weights(base: Path, folder: Path, spec_edit: dict) -> Path:
     (folder / "config.json").write_text(json.dumps(cfg, indent=2))
     return folder
 
+
+def default_tp_sizes(shape: str) -> tuple[int, ...]:
+    """The TP sizes `rotquant quantize` would record for a SHAPES model (offline.options.default_tp_sizes)."""
+    c = SHAPES[shape]
+    nq, nkv, inter = c["num_attention_heads"], c["num_key_value_heads"], c["intermediate_size"]
+    return tuple(t for t in (1, 2, 4, 8) if nq % t == 0 and (nkv % t == 0 or t % nkv == 0) and inter % t == 0)
 
 def prepare(variant: str, shape: str, work: Path, tp: int) -> tuple[Path, dict]:
     """(model folder, extra LLM keyword arguments) of one variant."""
