@@ -1,7 +1,8 @@
 """Online cost of the declared input transforms on the GPU (issue 21): per call, the transform +
-per-token quantization a transformed linear runs before its GEMM, against the plain quantizer and
-the fused R4 Hadamard + quantizer, at decode and prefill token counts, on Llama-2-7B / Llama-3-8B
-input widths. CUDA events, median of --iters calls after a warm-up; prints a markdown table.
+per-token quantization a transformed linear runs before its GEMM (DuQuant: the two-stage kernel +
+the quantizer; FlatQuant: the fused Kronecker + quantization kernel it serves with, and the
+two-stage form for comparison), against the plain quantizer and the fused R4 Hadamard + quantizer,
+at decode and prefill token counts, on Llama-2-7B / Llama-3-8B input widths. CUDA events, median of --iters calls after a warm-up; prints a markdown table.
 
     python bench/bench_transforms.py --out bench/results/transforms_h200.json
 """
@@ -52,6 +53,8 @@ def main() -> None:
         for key, t in ts.items():
             p = triton_transform.prepare(t, random_transform(t, k, 1, torch.Generator().manual_seed(k)))
             prepared[key] = [p[f"t_{n}"].cuda() for n in ("diag", "src1", "b1", "src2", "b2")]
+            if key == "flatquant":
+                fused = [p[f"t_{n}"].cuda() for n in ("diag", "left", "right")]
         for m in args.tokens:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             row = {"input": name, "tokens": m, "quant_us": _time(lambda: tops.quant_act(x, 0.9, 4), args.iters)}
@@ -59,12 +62,14 @@ def main() -> None:
                 row["r4_hadamard_quant_us"] = _time(lambda: tops.hadamard_quant(x, r4, 0.9, 4), args.iters)
             for key, p in prepared.items():
                 row[f"{key}_us"] = _time(lambda p=p: tops.quant_act(tops.block_transform(x, *p), 0.9, 4), args.iters)
+            d, left, right = fused
+            row["flatquant_fused_us"] = _time(lambda: tops.kron_quant(x, d, left, right, 0.9, 4), args.iters)
             rows.append(row)
             print(row, flush=True)
-    cols = ["quant_us", "r4_hadamard_quant_us", "duquant_us", "flatquant_us"]
-    print("\n| input | tokens | quant only µs | R4 Hadamard + quant µs | DuQuant transform + quant µs | "
-          "FlatQuant transform + quant µs |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    cols = ["quant_us", "r4_hadamard_quant_us", "duquant_us", "flatquant_us", "flatquant_fused_us"]
+    print("\n| input | tokens | quant only µs | R4 Hadamard + quant µs | DuQuant two-stage + quant µs | "
+          "FlatQuant two-stage + quant µs | FlatQuant fused µs |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(f"| {r['input']} | {r['tokens']} | " + " | ".join(f"{r[c]:.1f}" if c in r else "-" for c in cols) + " |")
     if args.out:

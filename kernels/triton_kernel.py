@@ -72,6 +72,11 @@ class TritonKernel(RotQuantKernel):
 
     def quantize_input(self, x2, all_gather=None, weights=None):
         s = self.spec
+        if all_gather is None and s.transform and s.transform.type == "kronecker":  # fused transform + quant
+            args = (x2, weights["t_diag"], weights["t_left"], weights["t_right"], s.clip, s.act_bits)
+            if s.act_symmetric:
+                return (*triton_ops.kron_quant(*args), None)
+            return triton_ops.kron_quant_asym(*args)
         if all_gather is None and not s.transform:  # the fused Hadamard + quantization kernel
             return triton_ops.quantize_activations(x2, s.act_bits, s.clip, s.hadamard_block, s.act_symmetric)
         return super().quantize_input(x2, all_gather, weights)

@@ -16,7 +16,7 @@ import torch
 from vllm_rotquant.kernels import ops
 from vllm_rotquant.kernels import triton_gemm, triton_quant, triton_transform
 
-__all__ = ["quant_act", "quant_act_asym", "hadamard_quant", "hadamard_quant_asym", "hadamard", "block_transform", "w4a4_gemm",
+__all__ = ["quant_act", "quant_act_asym", "hadamard_quant", "hadamard_quant_asym", "hadamard", "block_transform", "kron_quant", "kron_quant_asym", "w4a4_gemm",
            "weight_sums", "quantize_activations", "rotquant_linear"]
 
 weight_sums = ops.weight_sums
@@ -106,6 +106,26 @@ def block_transform(x: torch.Tensor, diag: torch.Tensor, src1: torch.Tensor, b1:
 @block_transform.register_fake
 def _(x, diag, src1, b1, src2, b2):
     return x.new_empty(x.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("rotquant::triton_kron_quant", mutates_args=(), device_types="cuda")
+def kron_quant(x: torch.Tensor, diag: torch.Tensor, left: torch.Tensor, right: torch.Tensor, clip: float,
+               bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """FlatQuant's Kronecker transform fused with per-token symmetric quantization."""
+    return triton_transform.kron_quant(x, diag, left, right, clip, bits)
+
+
+kron_quant.register_fake(_fake_q)
+
+
+@torch.library.custom_op("rotquant::triton_kron_quant_asym", mutates_args=(), device_types="cuda")
+def kron_quant_asym(x: torch.Tensor, diag: torch.Tensor, left: torch.Tensor, right: torch.Tensor, clip: float,
+                    bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """FlatQuant's Kronecker transform fused with per-token asymmetric quantization."""
+    return triton_transform.kron_quant(x, diag, left, right, clip, bits, asymmetric=True)
+
+
+kron_quant_asym.register_fake(_fake_qz)
 
 
 def quantize_activations(x: torch.Tensor, act_bits: int, clip: float, hadamard_block: int | None,

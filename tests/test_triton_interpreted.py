@@ -139,6 +139,14 @@ def _check() -> None:
         scale = want.abs().amax(dim=1, keepdim=True).clamp_min(1e-30)
         assert ((y - want).abs() / scale).max().item() < 1e-5, ("transform", t, k, m)
         n_checks += 1
+        if t.type == "kronecker":  # fused with the quantizer: bit-exact on its own float output
+            for asym in (False, True):
+                f = torch.empty(m, k)
+                out = triton_transform.kron_quant(x, p["t_diag"], p["t_left"], p["t_right"], 0.9, 4, asym, f)
+                ref_q = ref.quant_act_asym_ref(f, 0.9, 4) if asym else ref.quant_act_ref(f, 0.9, 4)
+                assert all(torch.equal(a, b) for a, b in zip(out, ref_q)), ("kron_quant", t, asym)
+                assert ((f - want).abs() / scale).max().item() < 1e-5, ("kron_quant float", t)
+                n_checks += 1
     print(f"checked {n_checks} kernel cases under the Triton interpreter")
 
 

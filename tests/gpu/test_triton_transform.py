@@ -1,7 +1,8 @@
 """GPU tests of the declared input transforms (kernels/triton_transform.py) against the CPU
 reference (run: pytest -m gpu): the transform against float64, the quantizer bit-exact on the
-kernel's own output, the codes against the float32 reference (rare +-1 at rounding boundaries),
-and the Triton linear with a transform against the reference kernel."""
+kernel's own output (the two-stage form, and the fused Kronecker + quantization kernel), the codes
+against the float32 reference (rare +-1 at rounding boundaries), and the Triton linear with a
+transform against the reference kernel."""
 import pytest
 import torch
 
@@ -65,6 +66,30 @@ def test_transform_then_quant(t, k, dtype, poison):
         d = (q.cpu().int() - q32.int()).abs()
         assert d.max().item() <= 1 and d.float().mean().item() < 2e-3
         assert ((s.cpu() - s32).abs() / s32).max().item() < 1e-5
+
+
+@pytest.mark.parametrize("t,k", [c for c in CASES if c[0].type == "kronecker"], ids=lambda v: str(v))
+@pytest.mark.parametrize("asym", [False, True])
+def test_fused_kronecker_quant(t, k, asym, poison):
+    tensors = random_transform(t, k, 1, torch.Generator().manual_seed(k + 1))
+    p = {n: v.cuda() for n, v in triton_transform.prepare(t, tensors).items()}
+    for m in (1, 7, 133):
+        x = _acts(m, k, torch.bfloat16, seed=m + k + 1)
+        poison()
+        f = torch.empty(m, k, dtype=torch.float32, device="cuda")
+        out = triton_transform.kron_quant(x.cuda(), p["t_diag"], p["t_left"], p["t_right"], 0.9, 4, asym, f)
+        want = _float64(t, tensors, x)
+        rowmax = want.abs().amax(dim=1, keepdim=True).clamp_min(1e-30)
+        assert ((f.cpu().double() - want).abs() / rowmax).max().item() < 5e-6, (t, m)
+        mine = ref.quant_act_asym_ref(f.cpu(), 0.9, 4) if asym else ref.quant_act_ref(f.cpu(), 0.9, 4)
+        assert all(torch.equal(a.cpu(), b) for a, b in zip(out, mine))  # bit-exact on its own transform
+        op = (tops.kron_quant_asym if asym else tops.kron_quant)(x.cuda(), p["t_diag"], p["t_left"], p["t_right"],
+                                                                  0.9, 4)
+        assert all(torch.equal(a, b) for a, b in zip(op, out))
+        y32 = ref.input_transform_ref(x, t.type, tensors)
+        q32 = (ref.quant_act_asym_ref(y32, 0.9, 4) if asym else ref.quant_act_ref(y32, 0.9, 4))[0]
+        d = (out[0].cpu().int() - q32.int()).abs()
+        assert d.max().item() <= 1 and d.float().mean().item() < 2e-3
 
 
 @pytest.mark.parametrize("t,k", [CASES[1], CASES[6]], ids=lambda v: str(v))
