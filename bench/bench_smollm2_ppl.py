@@ -85,6 +85,8 @@ ROWS = {
     "W4A8 flatquant+hadamard+GPTQ served": ("hadamard", "gptq", 8, None, {**SERVED, "method": "flatquant"}),
     "W4A4 dartquant+GPTQ served": ("dartquant", "gptq", 4, None, SERVED),
     "W4A8 dartquant+GPTQ served": ("dartquant", "gptq", 8, None, SERVED),
+    "W4A4 dartquant+GPTQ served gate_up A8": ("dartquant", "gptq", 4, None,
+                                              {**SERVED, "act_overrides": (("gate_up", 8, 1.0),)}),
     "W4A4 hadamard+GPTQ served asym": ("hadamard", "gptq", 4, None, SERVED),
     "W4A4 hadamard+GPTQ g32 served": ("hadamard", "gptq", 4, None, {**SERVED, "group_size": 32}),
     "W4A8 hadamard+GPTQ g32 served": ("hadamard", "gptq", 8, None, {**SERVED, "group_size": 32}),
