@@ -67,6 +67,7 @@ class QuantizeReport:
     model: str | None = None
     out: str | None = None
     output_mb: float | None = None
+    transform_s: float | None = None  # --method: the input transforms calibrated, absorbed and hooked
 
     def summary(self) -> dict[str, Any]:
         """Flat JSON-able summary (what `rotquant quantize` prints); unset timings are left out."""
@@ -76,7 +77,9 @@ class QuantizeReport:
                "act_symmetric": o.act_symmetric, "group_size": o.group_size, "act_clip_ratio": self.act_clip_ratio,
                "calib_tokens": self.calib_tokens, "seconds": round(self.seconds, 1),
                "peak_memory_mb": round(self.peak_memory_mb, 1), "output_mb": self.output_mb}
-        for key in ("load_s", "prepare_s", "rotation_s", "weights_s", "write_s", "act_clip_s"):
+        if o.method != "none":
+            out["method"] = o.method
+        for key in ("load_s", "prepare_s", "rotation_s", "transform_s", "weights_s", "write_s", "act_clip_s"):
             value = getattr(self, key)
             if value is not None:
                 out[key] = round(value, 1)
@@ -301,7 +304,8 @@ def quantize_model(model, tokenizer, options: QuantizeOptions = QuantizeOptions(
         options=opts, architecture=arch.name, calib_data=spec.calibration["data"],
         calib_tokens=spec.calibration["tokens"], act_clip_ratio=spec.act_clip_ratio, prepare_s=prepare_s,
         rotation_s=rotation_s, weights_s=weights_s, peak_memory_mb=peak_memory_mb(opts.device),
-        seconds=time.time() - t0, dartquant=dq_run, spinquant=sq_run, calib_windows=windows)
+        seconds=time.time() - t0, dartquant=dq_run, spinquant=sq_run, calib_windows=windows,
+        transform_s=transform_record["seconds"] if transform_record else None)
     return tensors, spec, report
 
 
