@@ -195,6 +195,9 @@ def quantize_model(model, tokenizer, options: QuantizeOptions = QuantizeOptions(
     config = model.config
     opts.check_model(config)
     tp_sizes = opts.tp_sizes_for(config)
+    if opts.method == "flatquant" and not opts.tp_sizes and tp_sizes == (1,):
+        log.warning("--method flatquant: the checkpoint serves tp 1 only (a Kronecker transform on the o/down inputs "
+                    "is not rank-local); --tf-kinds qkv gate_up keeps every TP size")
     dtype = next(model.parameters()).dtype
     if dtype != torch.float32:
         log.warning("quantize_model: the model is %s; the rotated weights are stored back in it, so pass a "
