@@ -135,7 +135,9 @@ def main() -> None:
     results = []
     for name in args.rows:
         rotation, weights, act_bits, parent, *extra = ROWS[name]
-        extra = {"act_overrides": (), **(PLAIN if weights == "gptq" else {}), **(extra[0] if extra else {})}
+        # rows name their scales: "smooth" none unless the row says otherwise (AWQ is the default now)
+        extra = {"act_overrides": (), "smooth": "none", **(PLAIN if weights == "gptq" else {}),
+                 **(extra[0] if extra else {})}
         symmetric = not name.endswith(" asym")
         ckpt, quant = src, None
         if rotation is not None:

@@ -223,7 +223,8 @@ def _add_quantize_parser(sub) -> None:
     q.add_argument("--smooth", choices=SMOOTH_METHODS, default=Q["smooth"],
                    help="per-channel scales absorbed into v_proj/o_proj and up_proj/down_proj before the "
                         "rotations: SmoothQuant's (max|x|^alpha / max|w|^(1-alpha)) or AWQ's (mean|x|^alpha, alpha "
-                        "searched per layer on the INT4 output error) (default: %(default)s)")
+                        "searched per layer on the INT4 output error) (default: awq at --act-bits 4 with GPTQ, "
+                        "none otherwise)")
     q.add_argument("--smooth-alpha", type=float, default=Q["smooth_alpha"],
                    help="smoothing strength: s = max|x|^alpha / max|w|^(1-alpha) (default: %(default)s)")
     q.add_argument("--method", choices=METHODS, default=Q["method"],

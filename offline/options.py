@@ -282,6 +282,9 @@ class TransformOptions(_FromDict):
         _need_int("--tf-batch", self.batch, 1)
 
 DEFAULT_ACT_OVERRIDES: tuple[tuple[str, int, float], ...] = (("gate_up", 8, 1.0),)
+# The default recipe's scales at --act-bits 4 with GPTQ: AWQ's on the v/o and up/down pairs
+# (bench/RESULTS.md, issue 21: SmolLM2 W4A4 41.03 / 45.58 against 42.44 / 46.72, seeds 0-2)
+DEFAULT_SMOOTH = "awq"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -310,7 +313,9 @@ class QuantizeOptions:
     gptq: GPTQOptions = dataclasses.field(default_factory=GPTQOptions)
     dartquant: DartQuantOptions = dataclasses.field(default_factory=DartQuantOptions)
     spinquant: SpinQuantOptions = dataclasses.field(default_factory=SpinQuantOptions)
-    smooth: str = "none"  # none | smoothquant | awq: per-channel scales on the v/o and up/down pairs (offline/smooth.py)
+    # none | smoothquant | awq: per-channel scales on the v/o and up/down pairs (offline/smooth.py);
+    # None: the recipe's choice, DEFAULT_SMOOTH at 4-bit activations (see resolved_smooth)
+    smooth: str | None = None
     smooth_alpha: float = 0.5  # SmoothQuant's migration strength: s = a^alpha / w^(1 - alpha)
     method: str = "none"  # none | duquant | flatquant: online input transforms (offline/transforms.py)
     transform: TransformOptions = dataclasses.field(default_factory=TransformOptions)
@@ -372,7 +377,7 @@ class QuantizeOptions:
                 or not isinstance(self.spinquant, SpinQuantOptions):
             raise ValueError("QuantizeOptions.gptq / .dartquant / .spinquant: expected GPTQOptions / DartQuantOptions "
                              "/ SpinQuantOptions (or a dict)")
-        if self.smooth not in SMOOTH_METHODS:
+        if self.smooth is not None and self.smooth not in SMOOTH_METHODS:
             raise ValueError(f"--smooth {self.smooth!r}: expected one of {', '.join(SMOOTH_METHODS)}")
         if not _is_number(self.smooth_alpha) or not 0 <= self.smooth_alpha <= 1:
             raise ValueError(f"--smooth-alpha {self.smooth_alpha!r}: expected a number in [0, 1]")
@@ -411,7 +416,15 @@ class QuantizeOptions:
     @property
     def needs_calibration(self) -> bool:
         return self.weights == "gptq" or self.rotation in ("dartquant", "spinquant") or self.tune_clip \
-            or self.smooth != "none" or self.method != "none"
+            or self.resolved_smooth != "none" or self.method != "none"
+
+    @property
+    def resolved_smooth(self) -> str:
+        """The scales the checkpoint gets: --smooth, or by default at 4-bit activations AWQ's
+        (DEFAULT_SMOOTH: lower W4A4 perplexity on SmolLM2 at every seed, nothing to serve)."""
+        if self.smooth is not None:
+            return self.smooth
+        return DEFAULT_SMOOTH if self.act_bits == 4 and self.weights == "gptq" else "none"
 
     @property
     def transform_kinds(self) -> tuple[str, ...]:

@@ -214,9 +214,10 @@ def quantize_model(model, tokenizer, options: QuantizeOptions = QuantizeOptions(
         windows = calibration_windows(tokenizer, opts)
     prepare_s = time.time() - t0
     smooth_record = None
-    if opts.smooth != "none":  # on the folded float model, before any rotation (offline/smooth.py)
+    if opts.resolved_smooth != "none":  # on the folded float model, before any rotation (offline/smooth.py)
         t = time.time()
-        smooth_record = smooth_model(model, windows, opts.smooth, opts.smooth_alpha, opts.device, opts.batch_size,
+        smooth_record = smooth_model(model, windows, opts.resolved_smooth, opts.smooth_alpha, opts.device,
+                                     opts.batch_size,
                                      seed=opts.seed)
         smooth_record["seconds"] = round(time.time() - t, 1)
         prepare_s += time.time() - t

@@ -157,18 +157,21 @@ def awq_scale(x: torch.Tensor, mean_abs: torch.Tensor, w: torch.Tensor, expand: 
     1) with alpha on a grid, the one minimising ||x W^T - (x / s) Q(W s)^T|| on the token sample x,
     Q the per-channel INT4 RTN. `expand` maps the scale's channels to W's columns (a v channel to
     the o_proj columns of every query head of its group). Returns (s float64, alpha)."""
-    x, w = x.double(), w.double()
+    dt = torch.float64 if w.dtype == torch.float64 else torch.float32  # float32 on the calibration device
+    x, w, mean_abs = x.to(w.device, dt), w.to(dt), mean_abs.to(w.device, dt)
+    if expand is not None:
+        expand = expand.to(w.device)
     y = x @ w.T
-    best = (float("inf"), torch.ones_like(mean_abs, dtype=torch.float64), 0.0)
+    best = (float("inf"), torch.ones_like(mean_abs), 0.0)
     for i in range(AWQ_GRID):
         alpha = i / AWQ_GRID
-        sc = mean_abs.double().clamp_min(EPS).pow(alpha)
+        sc = mean_abs.clamp_min(EPS).pow(alpha)
         sc = sc / (sc.max() * sc.min()).sqrt()
         col = sc[expand] if expand is not None else sc
         err = (y - (x / col) @ _rtn(w * col).T).pow(2).mean().item()
         if err < best[0]:
             best = (err, sc, alpha)
-    return best[1], best[2]
+    return best[1].double().cpu(), best[2]
 
 
 @torch.no_grad()
@@ -199,8 +202,8 @@ def awq_model(model, windows: torch.Tensor, device: str, batch_size: int = 8, ke
         mean_o, x_o = hooks[arch.o_proj].result()
         mean_d, x_d = hooks[arch.down_proj].result()
         mean_v = torch.zeros(kv_heads * head_dim).scatter_reduce(0, kv_of_col, mean_o.float(), "amax")
-        s_v, a_v = awq_scale(x_o, mean_v, o.weight.data.cpu(), kv_of_col)
-        s_down, a_d = awq_scale(x_d, mean_d, down.weight.data.cpu())
+        s_v, a_v = awq_scale(x_o, mean_v, o.weight.data, kv_of_col)
+        s_down, a_d = awq_scale(x_d, mean_d, down.weight.data)
         _scale_rows(v, s_v, inverse=True)
         _scale_columns(o, s_v[kv_of_col])
         _scale_rows(up, s_down, inverse=True)
