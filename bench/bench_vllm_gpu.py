@@ -37,7 +37,8 @@ import sys
 import time
 from pathlib import Path
 
-from vllm_rotquant.testing.ckpt_factory import SHAPES, llama_config, model_transforms, write_random_rotquant
+from vllm_rotquant.testing.ckpt_factory import (SHAPES, llama_config, model_transforms, shape_tp_sizes,
+                                                write_random_rotquant)
 
 from vllm_rotquant.testing.processes import finish, run_isolated
 
@@ -85,12 +86,6 @@ def same_weights(base: Path, folder: Path, spec_edit: dict) -> Path:
     return folder
 
 
-def default_tp_sizes(shape: str) -> tuple[int, ...]:
-    """The TP sizes `rotquant quantize` would record for a SHAPES model (offline.options.default_tp_sizes)."""
-    c = SHAPES[shape]
-    nq, nkv, inter = c["num_attention_heads"], c["num_key_value_heads"], c["intermediate_size"]
-    return tuple(t for t in (1, 2, 4, 8) if nq % t == 0 and (nkv % t == 0 or t % nkv == 0) and inter % t == 0)
-
 def prepare(variant: str, shape: str, work: Path, tp: int) -> tuple[Path, dict]:
     """(model folder, extra LLM keyword arguments) of one variant."""
     if variant == "bf16":
@@ -102,7 +97,7 @@ def prepare(variant: str, shape: str, work: Path, tp: int) -> tuple[Path, dict]:
         return write_config_only(work / f"{shape}-gptq", gptq_config(shape)), {"load_format": "dummy"}
     if variant in TRANSFORMED:
         kind_type, tp_sizes = TRANSFORMED[variant]
-        tp_sizes = tp_sizes or default_tp_sizes(shape)
+        tp_sizes = tp_sizes or shape_tp_sizes(shape)
         return write_random_rotquant(work / f"{shape}-{variant}", shape, tp_sizes=tp_sizes, down_proj_block=None,
                                      input_transforms=model_transforms(shape, kind_type, tp_sizes)), \
             {"quantization": "rotquant"}

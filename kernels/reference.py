@@ -118,38 +118,40 @@ def hadamard_quant_asym_ref(x: torch.Tensor, block: int, clip: float, bits: int)
 
 
 def block_rotation_ref(x: torch.Tensor, diag: torch.Tensor, rot1: torch.Tensor, perm: torch.Tensor,
-                       rot2: torch.Tensor) -> torch.Tensor:
-    """DuQuant's served input transform (format.InputTransform), float32 result:
-    y = ((x * diag) @ blockdiag(rot1))[:, perm] @ blockdiag(rot2) along the last dim."""
+                       rot2: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """DuQuant's served input transform (format.InputTransform), in `dtype` (float32 served;
+    the offline absorption uses float64): y = ((x * diag) @ blockdiag(rot1))[:, perm] @ blockdiag(rot2)."""
     k = x.shape[-1]
     g, b, _ = rot1.shape
     if g * b != k or rot2.shape != rot1.shape or diag.shape != (k,) or perm.shape != (k,):
         raise ValueError(f"block_rotation: input of {k} features, diag {tuple(diag.shape)}, rot1 {tuple(rot1.shape)}, "
                          f"perm {tuple(perm.shape)}, rot2 {tuple(rot2.shape)}")
     lead = x.shape[:-1]
-    t = (x.float().reshape(-1, k) * diag.float()).reshape(-1, g, b)
-    t = torch.einsum("mgi,gij->mgj", t, rot1.float()).reshape(-1, k)[:, perm.long()]
-    return torch.einsum("mgi,gij->mgj", t.reshape(-1, g, b), rot2.float()).reshape(*lead, k)
+    t = (x.to(dtype).reshape(-1, k) * diag.to(dtype)).reshape(-1, g, b)
+    t = torch.einsum("mgi,gij->mgj", t, rot1.to(dtype)).reshape(-1, k)[:, perm.long()]
+    return torch.einsum("mgi,gij->mgj", t.reshape(-1, g, b), rot2.to(dtype)).reshape(*lead, k)
 
 
-def kronecker_ref(x: torch.Tensor, diag: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """FlatQuant's served input transform, float32 result: y = (x * diag) @ (left (x) right),
-    per token left^T X right with X = reshape(x * diag, [n1, n2])."""
+def kronecker_ref(x: torch.Tensor, diag: torch.Tensor, left: torch.Tensor, right: torch.Tensor,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """FlatQuant's served input transform, in `dtype`: y = (x * diag) @ (left (x) right), per
+    token left^T X right with X = reshape(x * diag, [n1, n2])."""
     k = x.shape[-1]
     n1, n2 = left.shape[0], right.shape[0]
     if n1 * n2 != k or diag.shape != (k,):
         raise ValueError(f"kronecker: input of {k} features, diag {tuple(diag.shape)}, factors {n1} x {n2}")
     lead = x.shape[:-1]
-    t = (x.float().reshape(-1, k) * diag.float()).reshape(-1, n1, n2)
-    return (left.float().T @ t @ right.float()).reshape(*lead, k)
+    t = (x.to(dtype).reshape(-1, k) * diag.to(dtype)).reshape(-1, n1, n2)
+    return (left.to(dtype).T @ t @ right.to(dtype)).reshape(*lead, k)
 
 
-def input_transform_ref(x: torch.Tensor, kind: str, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+def input_transform_ref(x: torch.Tensor, kind: str, tensors: dict[str, torch.Tensor],
+                        dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The declared input transform `kind` ("block_rotation" or "kronecker") with its tensors."""
     if kind == "block_rotation":
-        return block_rotation_ref(x, tensors["diag"], tensors["rot1"], tensors["perm"], tensors["rot2"])
+        return block_rotation_ref(x, tensors["diag"], tensors["rot1"], tensors["perm"], tensors["rot2"], dtype)
     if kind == "kronecker":
-        return kronecker_ref(x, tensors["diag"], tensors["left"], tensors["right"])
+        return kronecker_ref(x, tensors["diag"], tensors["left"], tensors["right"], dtype)
     raise ValueError(f"unknown input transform {kind!r}")
 
 

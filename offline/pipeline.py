@@ -237,16 +237,19 @@ def quantize_model(model, tokenizer, options: QuantizeOptions = QuantizeOptions(
         rotation_s = time.time() - t
     # GPTQ on served inputs needs the activation clip before the weights: searched on the
     # unquantized weights (the clip the checkpoint keeps is searched again on the written one)
-    served_clip, clip_record = None, None
-    if served_clip_needed(opts) and opts.method == "none":
+    def served_inputs_clip(rotations_to_apply: Rotations) -> tuple[float | None, dict | None]:
+        """(clip, search record) for GPTQ on served inputs: the SpinQuant rotations' own, the given
+        one, or searched on the unquantized weights of the model with `rotations_to_apply`."""
+        if not served_clip_needed(opts):
+            return None, None
         if spin_clip is not None:  # the clip the rotations were learned for, searched on their start
-            clip_record = spin_clip
-            served_clip = clip_record["chosen"]
-        elif opts.act_clip_ratio == "auto":
-            clip_record = act_clip.search_unquantized_weights(model, windows, rotations, opts)
-            served_clip = clip_record["chosen"]
-        else:
-            served_clip = float(opts.act_clip_ratio)
+            return spin_clip["chosen"], spin_clip
+        if opts.act_clip_ratio == "auto":
+            record = act_clip.search_unquantized_weights(model, windows, rotations_to_apply, opts)
+            return record["chosen"], record
+        return float(opts.act_clip_ratio), None
+
+    served_clip, clip_record = served_inputs_clip(rotations) if opts.method == "none" else (None, None)
     if opts.rotation != "none":
         t = time.time()
         # GPTQ's calibration forwards run the fp model: it needs the online twin of R4
@@ -258,12 +261,8 @@ def quantize_model(model, tokenizer, options: QuantizeOptions = QuantizeOptions(
 
         more, transforms, transform_record = tf.calibrate_transforms(model, windows, opts, tp_sizes)
         hooks += more
-        if served_clip_needed(opts):  # the clip GPTQ fits to, searched through the transforms
-            if opts.act_clip_ratio == "auto":
-                clip_record = act_clip.search_unquantized_weights(model, windows, Rotations(), opts)
-                served_clip = clip_record["chosen"]
-            else:
-                served_clip = float(opts.act_clip_ratio)
+        # searched through the transforms: the model is rotated and hooked already
+        served_clip, clip_record = served_inputs_clip(Rotations())
 
     t = time.time()
     try:

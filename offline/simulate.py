@@ -57,7 +57,7 @@ class SimQuantLinear(nn.Module):
         return self._unpacked
 
     def _transform_tensors(self) -> dict[str, torch.Tensor]:
-        return {leaf: getattr(self, f"t_{leaf}") for leaf in self.transform.tensors(2)} if self.transform else {}
+        return {leaf: getattr(self, f"t_{leaf}") for leaf in self.transform.leaves} if self.transform else {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu":
@@ -150,7 +150,7 @@ def _install_quant_linears(model, spec: RotQuantSpec, tensors: dict[str, torch.T
                 leaves = None
                 if transform:  # stored once under the input's first projection, shared by its readers
                     stem = f"model.layers.{i}.{TRANSFORM_OWNERS[transform.kind]}.{TRANSFORM_PREFIX}"
-                    leaves = {leaf: tensors[stem + leaf] for leaf in transform.tensors(2)}
+                    leaves = {leaf: tensors[stem + leaf] for leaf in transform.leaves}
                 lin = SimQuantLinear(
                     tensors[f"{prefix}.{PACKED_SUFFIX}"], tensors[f"{prefix}.{SCALE_SUFFIX}"],
                     None if bias is None else bias.to(dtype), bits, clip,

@@ -61,30 +61,24 @@ class Transform:
 
     spec: InputTransform
     tensors: dict[str, torch.Tensor]
+    # the tensors on each device the hooks have run on (moved once, not on every forward)
+    _on: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """x M (float32), as the served model computes it."""
-        t = {k: v.to(x.device) for k, v in self.tensors.items()}
-        return ref.input_transform_ref(x, self.spec.type, t)
+        if x.device not in self._on:
+            self._on[x.device] = {k: v.to(x.device) for k, v in self.tensors.items()}
+        return ref.input_transform_ref(x, self.spec.type, self._on[x.device])
 
     def absorb(self, w: torch.Tensor) -> torch.Tensor:
         """W M^-T in float64 for a reader's weight [N, K], exact for the stored (float32) M."""
         t = {k: v.to(w.device, torch.float64) for k, v in self.tensors.items()}
-        if self.spec.type == "block_rotation":
-            inv_t = lambda r: torch.linalg.inv(r).mT  # noqa: E731 (orthogonal: r itself, up to rounding)
-            return _block_rotation64(w.double(), 1.0 / t["diag"], inv_t(t["rot1"]), t["perm"], inv_t(t["rot2"]))
-        left, right = torch.linalg.inv(t["left"]), torch.linalg.inv(t["right"])
-        n, k = w.shape
-        wm = (w.double() / t["diag"]).reshape(n, *left.shape[:1], right.shape[0])
-        return (left @ wm @ right.mT).reshape(n, k)
-
-
-def _block_rotation64(x, diag, rot1, perm, rot2):
-    """block_rotation_ref's arithmetic in float64 (the absorption)."""
-    k = x.shape[-1]
-    g, b, _ = rot1.shape
-    t = torch.einsum("mgi,gij->mgj", (x * diag).reshape(-1, g, b), rot1).reshape(-1, k)[:, perm.long()]
-    return torch.einsum("mgi,gij->mgj", t.reshape(-1, g, b), rot2).reshape(x.shape)
+        inv_t = lambda m: torch.linalg.inv(m).mT  # noqa: E731 (an orthogonal block: itself, up to rounding)
+        if self.spec.type == "block_rotation":  # M^-T = D^-1 rot1^-T P rot2^-T: the same transform
+            return ref.block_rotation_ref(w, 1.0 / t["diag"], inv_t(t["rot1"]), t["perm"], inv_t(t["rot2"]),
+                                          torch.float64)
+        # M^-T = D^-1 (left^-T (x) right^-T)
+        return ref.kronecker_ref(w, 1.0 / t["diag"], inv_t(t["left"]), inv_t(t["right"]), torch.float64)
 
 
 class OnlineTransform:

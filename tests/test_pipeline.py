@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vllm_rotquant.testing.ckpt_factory import load_dequantized_weights
+from vllm_rotquant.testing.ckpt_factory import dequantized_float_twin
 from vllm_rotquant.testing.hf_factory import build_hf_model
 from vllm_rotquant.format import CheckpointError, RotQuantSpec
 from vllm_rotquant.offline import cli, pipeline, rotate
@@ -60,15 +60,7 @@ def test_simulation_reproduces_dequantized_model(src, tmp_path, calib_file, weig
     tensors = load_file(out / "model.safetensors")
     in_f = tensors["model.layers.0.mlp.down_proj.weight_packed"].shape[1] * 2
     assert tensors["model.layers.0.mlp.down_proj.weight_scale"].shape[1] == (in_f // group_size if group_size else 1)
-    model = load_hf_model(src)
-    rotate.fold_norms(model)
-    apply_rotations(model, Rotations.hadamard(model.config, seed=0, r4_block=spec.down_proj_block), online=True)
-    load_dequantized_weights(model, tensors)
-    model.model.embed_tokens.weight.data = tensors["model.embed_tokens.weight"].float()
-    model.lm_head.weight.data = tensors["lm_head.weight"].float()
-    for n, p in model.named_parameters():
-        if n.endswith("bias"):
-            p.data = tensors[n].float()
+    model = dequantized_float_twin(src, tensors, spec.down_proj_block)
     ids = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(1))
     assert torch.allclose(_logits(sim, ids), _logits(model, ids), atol=2e-3, rtol=1e-3)
 

@@ -19,9 +19,8 @@ from vllm_rotquant.offline import pipeline, rotate, transforms as tf
 from vllm_rotquant.offline.arch import arch_of
 from vllm_rotquant.offline.model_io import load_hf_model
 from vllm_rotquant.offline.options import QuantizeOptions, TransformOptions, default_tp_sizes
-from vllm_rotquant.offline.rotate import Rotations, apply_rotations
 from vllm_rotquant.offline.simulate import load_simulated
-from vllm_rotquant.testing.ckpt_factory import build_tiny_checkpoint, load_dequantized_weights, random_transform
+from vllm_rotquant.testing.ckpt_factory import build_tiny_checkpoint, dequantized_float_twin, random_transform
 from vllm_rotquant.testing.hf_factory import build_hf_model
 
 CASES = [(InputTransform("o", "block_rotation", block=32), 96), (InputTransform("down", "block_rotation", block=24), 72),
@@ -164,21 +163,13 @@ def test_written_checkpoint_simulates_the_transformed_model(src, method, tmp_pat
     assert {t.kind for t in spec.input_transforms} == {"qkv", "o", "gate_up", "down"}
     assert spec.down_proj_block is None and spec.calibration["transforms"]["method"] == method
     tensors = load_file(out / "model.safetensors")
-    model = load_hf_model(src)
-    rotate.fold_norms(model)
-    apply_rotations(model, Rotations.hadamard(model.config, seed=0), online=True)
-    load_dequantized_weights(model, tensors)
-    model.model.embed_tokens.weight.data = tensors["model.embed_tokens.weight"].float()
-    model.lm_head.weight.data = tensors["lm_head.weight"].float()
-    for n, p in model.named_parameters():
-        if n.endswith("bias"):
-            p.data = tensors[n].float()
+    model = dequantized_float_twin(src, tensors, None)
     arch = arch_of(model)
     from vllm_rotquant.format import TRANSFORM_OWNERS, TRANSFORM_PREFIX
     for i, layer in enumerate(arch.decoder_layers(model)):
         for t in spec.input_transforms:
             stem = f"model.layers.{i}.{TRANSFORM_OWNERS[t.kind]}.{TRANSFORM_PREFIX}"
-            tr = tf.Transform(t, {leaf: tensors[stem + leaf] for leaf in t.tensors(2)})
+            tr = tf.Transform(t, {leaf: tensors[stem + leaf] for leaf in t.leaves})
             for path in tf.kind_readers(arch)[t.kind]:
                 arch.get(layer, path).register_forward_pre_hook(tf.OnlineTransform(tr))
     ids = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(1))

@@ -93,6 +93,11 @@ class InputTransform:
     block: int | None = None  # block_rotation
     factors: tuple[int, int] | None = None  # kronecker (n1, n2), n1 * n2 = K
 
+    @property
+    def leaves(self) -> tuple[str, ...]:
+        """The names of its tensors (after TRANSFORM_PREFIX)."""
+        return ("diag", "rot1", "perm", "rot2") if self.type == "block_rotation" else ("diag", "left", "right")
+
     def tensors(self, k: int) -> dict[str, tuple[tuple[int, ...], tuple[torch.dtype, ...]]]:
         """Leaf name -> (shape, dtypes) of this transform on an input of K features."""
         f32 = (torch.float32,)
@@ -149,12 +154,6 @@ class InputTransform:
         elif self.factors[0] * self.factors[1] != k:
             raise CheckpointError(f"{where}: factors {list(self.factors)} multiply to "
                                   f"{self.factors[0] * self.factors[1]}, not the {what} = {k}")
-
-
-def transform_tensor_names(owner_prefix: str, transform: InputTransform) -> list[str]:
-    """Checkpoint names of a transform's tensors under its owner projection (e.g.
-    'model.layers.0.self_attn.q_proj.transform_rot1')."""
-    return [f"{owner_prefix}.{TRANSFORM_PREFIX}{leaf}" for leaf in transform.tensors(2)]
 
 
 def check_transform_values(transform: InputTransform, tensors: dict[str, torch.Tensor], k: int,
@@ -892,7 +891,7 @@ def load_checkpoint(model_dir: str | Path) -> tuple[Checkpoint, dict[str, torch.
         owner = TRANSFORM_OWNERS[t.kind]
         for i in range(ckpt.config["num_hidden_layers"]):
             stem = f"model.layers.{i}.{owner}.{TRANSFORM_PREFIX}"
-            check_transform_values(t, {leaf: tensors[stem + leaf] for leaf in t.tensors(2)}, shapes[owner][1],
+            check_transform_values(t, {leaf: tensors[stem + leaf] for leaf in t.leaves}, shapes[owner][1],
                                    ckpt.spec.tp_sizes, f"{ckpt.headers[stem + 'diag'].file}: model.layers.{i}.{owner}")
     return ckpt, tensors
 

@@ -159,14 +159,10 @@ class RotQuantLinearMethod(LinearMethodBase):
                 if loaded.dtype not in dtypes or tuple(loaded.shape) != shape:
                     raise CheckpointError(f"rotquant: tensor '{tensor}' is {loaded.dtype} {tuple(loaded.shape)}, "
                                           f"expected {dtypes[0]} {shape}")
-                if local != shape:
+                if local != shape:  # this rank's channels; perm re-based to them (checked after loading)
                     loaded = loaded.narrow(0, rank * local[0], local[0])
                     if leaf == "perm":
                         loaded = loaded - rank * local[0]
-                        if bool(((loaded < 0) | (loaded >= local[0])).any()):
-                            raise CheckpointError(f"rotquant: tensor '{tensor}' moves columns between tensor-parallel "
-                                                  f"ranks at tp {tp}; a row-parallel input's permutation must be "
-                                                  f"rank-local")
                 param.data.copy_(loaded)
                 layer._rotquant_loaded.add((name, None))
 
@@ -181,7 +177,7 @@ class RotQuantLinearMethod(LinearMethodBase):
                     raise CheckpointError(f"rotquant: missing tensor '{module}.{suffix}' (layer '{self.prefix}')")
         transform = {}
         if self.transform:
-            for leaf in self.transform.tensors(2):
+            for leaf in self.transform.leaves:
                 name = f"{TRANSFORM_PREFIX}{leaf}"
                 if (name, None) not in layer._rotquant_loaded:
                     owner = next(iter(names.values()))
@@ -190,8 +186,10 @@ class RotQuantLinearMethod(LinearMethodBase):
                 if transform[leaf].is_floating_point() and not torch.isfinite(transform[leaf]).all():
                     raise CheckpointError(f"rotquant: '{self.prefix}.{name}' holds non-finite values")
                 delattr(layer, name)
-            check_transform_values(self.transform, transform, transform["diag"].shape[0], (1,), f"rotquant layer "
-                                   f"'{self.prefix}'")
+            k_local = transform["diag"].shape[0]
+            part = f" (this rank's {k_local} columns: a row-parallel input's permutation must stay within them)" \
+                if self.transform.kind in ROW_PARALLEL_KINDS and getattr(layer, "tp_size", 1) > 1 else ""
+            check_transform_values(self.transform, transform, k_local, (1,), f"rotquant layer '{self.prefix}'{part}")
         scale = layer.weight_scale.data
         if not torch.isfinite(scale).all():
             raise CheckpointError(f"rotquant: '{self.prefix}.{SCALE_SUFFIX}' holds non-finite values")

@@ -13,7 +13,6 @@ from vllm_rotquant.kernels import triton_transform
 from vllm_rotquant.kernels.linear_kernel import LinearSpec
 from vllm_rotquant.kernels.reference_kernel import ReferenceKernel
 from vllm_rotquant.kernels.triton_kernel import TritonKernel
-from vllm_rotquant.offline.transforms import _block_rotation64
 from vllm_rotquant.testing.ckpt_factory import random_transform
 
 pytestmark = pytest.mark.gpu
@@ -39,12 +38,7 @@ def _acts(m, k, dtype, seed):
 
 
 def _float64(t, tensors, x):
-    d = {k: v.double() for k, v in tensors.items()}
-    if t.type == "block_rotation":
-        return _block_rotation64(x.double(), d["diag"], d["rot1"], tensors["perm"], d["rot2"])
-    n1, n2 = t.factors
-    xm = (x.double() * d["diag"]).reshape(-1, n1, n2)
-    return (d["left"].T @ xm @ d["right"]).reshape(x.shape)
+    return ref.input_transform_ref(x, t.type, tensors, torch.float64)
 
 
 @pytest.mark.parametrize("t,k", CASES, ids=lambda v: str(v))

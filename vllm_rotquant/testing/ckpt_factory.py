@@ -80,17 +80,20 @@ def random_transform(t: InputTransform, k: int, tp: int, gen: torch.Generator) -
 def model_transforms(shape: str, kind_type: str, tp_sizes: tuple[int, ...]) -> tuple[InputTransform, ...]:
     """Input transforms of `kind_type` ("block_rotation" or "kronecker") on all four inputs of a
     SHAPES model, sized as `rotquant quantize --method duquant | flatquant` sizes them."""
-    cfg = llama_config(shape)
-    out = []
-    for kind, owner in TRANSFORM_OWNERS.items():
-        k = linear_shapes(cfg)[owner][1]
-        if kind_type == "block_rotation":
-            chunk = k // max(tp_sizes) if kind in ROW_PARALLEL_KINDS else k
-            out.append(InputTransform(kind, kind_type, block=max(d for d in range(1, 129) if chunk % d == 0)))
-        else:
-            n1 = max(d for d in range(1, math.isqrt(k) + 1) if k % d == 0 and k // d <= 128)
-            out.append(InputTransform(kind, kind_type, factors=(n1, k // n1)))
-    return tuple(out)
+    from vllm_rotquant.offline.transforms import duquant_block, kronecker_factors
+
+    shapes = linear_shapes(llama_config(shape))
+    return tuple(InputTransform(kind, kind_type, block=duquant_block(kind, shapes[owner][1], tp_sizes, None))
+                 if kind_type == "block_rotation" else
+                 InputTransform(kind, kind_type, factors=kronecker_factors(shapes[owner][1], kind))
+                 for kind, owner in TRANSFORM_OWNERS.items())
+
+
+def shape_tp_sizes(shape: str) -> tuple[int, ...]:
+    """The TP sizes `rotquant quantize` records for a SHAPES model (offline.options.default_tp_sizes)."""
+    c = SHAPES[shape]
+    nq, nkv, inter = c["num_attention_heads"], c["num_key_value_heads"], c["intermediate_size"]
+    return tuple(t for t in (1, 2, 4, 8) if nq % t == 0 and (nkv % t == 0 or t % nkv == 0) and inter % t == 0)
 
 
 def build_tiny_checkpoint(out_dir: str | Path, *, spec: RotQuantSpec | None = None, seed: int = 0,
@@ -197,9 +200,9 @@ def write_random_rotquant(folder: Path, shape: str, tp_sizes: tuple[int, ...] | 
     if (folder / "config.json").is_file():
         return folder
     cfg = llama_config(shape)
-    nq, nkv, inter = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["intermediate_size"]
-    if tp_sizes is None:  # as offline.pipeline.default_tp_sizes
-        tp_sizes = tuple(t for t in (1, 2, 4, 8) if nq % t == 0 and (nkv % t == 0 or t % nkv == 0) and inter % t == 0)
+    inter = cfg["intermediate_size"]
+    if tp_sizes is None:
+        tp_sizes = shape_tp_sizes(shape)
     spec = RotQuantSpec(**{"down_proj_block": largest_block(inter // max(tp_sizes)), "qk_block": head_dim_of(cfg),
                            "tp_sizes": tp_sizes, "calibration": {"method": "random (benchmark)"}, **spec_kw})
     cfg["quantization_config"] = spec.to_dict()
@@ -250,6 +253,25 @@ def reference_logprobs(ckpt: str | Path, token_ids: list[int], dtype: torch.dtyp
 
 
 @torch.no_grad()
+def dequantized_float_twin(src: str | Path, tensors: dict[str, torch.Tensor], r4_block: int | None, seed: int = 0):
+    """The float model a written checkpoint of `src` should simulate to at W4A16: folded, rotated
+    by the seed's Hadamards (R4 online), its linears holding the checkpoint's de-quantized INT4
+    weights and its embeddings, lm_head and biases the checkpoint's."""
+    from vllm_rotquant.offline import rotate
+    from vllm_rotquant.offline.model_io import load_hf_model
+
+    model = load_hf_model(src)
+    rotate.fold_norms(model)
+    rotate.apply_rotations(model, rotate.Rotations.hadamard(model.config, seed=seed, r4_block=r4_block), online=True)
+    load_dequantized_weights(model, tensors)
+    model.model.embed_tokens.weight.data = tensors["model.embed_tokens.weight"].float()
+    model.lm_head.weight.data = tensors["lm_head.weight"].float()
+    for n, p in model.named_parameters():
+        if n.endswith("bias"):
+            p.data = tensors[n].float()
+    return model
+
+
 def load_dequantized_weights(model, tensors: dict[str, torch.Tensor]) -> list:
     """Put the checkpoint's INT4 weights, de-quantized, into the fp model's quantized linears (the
     rotated fp model with the stored weights: what the served arithmetic equals up to activation
