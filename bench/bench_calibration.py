@@ -123,6 +123,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dq", default="{}", help="JSON dict of DartQuant options (options.DartQuantOptions fields)")
     ap.add_argument("--method", default=q["method"], choices=["none", "duquant", "flatquant"],
                     help="online input transforms (offline/transforms.py)")
+    ap.add_argument("--smooth", default=None, choices=["none", "smoothquant", "awq"],
+                    help="per-channel scales (default: the library's, AWQ at 4-bit activations with GPTQ)")
     ap.add_argument("--tf", default="{}", help="JSON dict of transform options (options.TransformOptions fields)")
     ap.add_argument("--tp-sizes", type=int, nargs="+", default=None)
     ap.add_argument("--tf32", action="store_true", help="allow TF32 matmuls (CUDA) for the whole pipeline")
@@ -157,7 +159,7 @@ def main(argv=None) -> int:
         act_clip_ratio=args.act_clip if args.act_clip == "auto" else float(args.act_clip),
         calib_tokens=args.calib_tokens, calib_seq_len=args.calib_seq_len, seed=args.seed,
         device=args.device, batch_size=args.batch_size, dartquant=DartQuantOptions.from_dict(json.loads(args.dq)),
-        method=args.method, transform=json.loads(args.tf), tp_sizes=tuple(args.tp_sizes) if args.tp_sizes else None)
+        method=args.method, smooth=args.smooth, transform=json.loads(args.tf), tp_sizes=tuple(args.tp_sizes) if args.tp_sizes else None)
     try:
         if args.preset:
             t = time.time()

@@ -68,6 +68,9 @@ ROWS = {
     "W4A4 awq+hadamard+GPTQ served gate_up A8": ("hadamard", "gptq", 4, None, {
         **SERVED, "act_overrides": (("gate_up", 8, 1.0),), "smooth": "awq"}),
     "W4A8 hadamard+GPTQ served": ("hadamard", "gptq", 8, None, SERVED),
+    "W4A8 awq+hadamard+GPTQ served": ("hadamard", "gptq", 8, None, {**SERVED, "smooth": "awq"}),
+    "W4A4 awq+dartquant+GPTQ served gate_up A8": ("dartquant", "gptq", 4, None, {
+        **SERVED, "act_overrides": (("gate_up", 8, 1.0),), "smooth": "awq"}),
     # online input transforms on all four inputs (offline/transforms.py, issue 21): on top of R1/R2
     # (the down one replaces R4), or DuQuant alone as its paper runs it (no rotation)
     "W4A4 duquant+hadamard+GPTQ served gate_up A8": ("hadamard", "gptq", 4, None, {
@@ -81,6 +84,8 @@ ROWS = {
         "transform": {"kinds": ("qkv", "o")}}),
     "W4A4 flatquant+hadamard+GPTQ served gate_up A8": ("hadamard", "gptq", 4, None, {
         **SERVED, "act_overrides": (("gate_up", 8, 1.0),), "method": "flatquant"}),
+    "W4A4 flatquant+awq+hadamard+GPTQ served gate_up A8": ("hadamard", "gptq", 4, None, {
+        **SERVED, "act_overrides": (("gate_up", 8, 1.0),), "method": "flatquant", "smooth": "awq"}),
     "W4A8 duquant+hadamard+GPTQ served": ("hadamard", "gptq", 8, None, {**SERVED, "method": "duquant"}),
     "W4A8 flatquant+hadamard+GPTQ served": ("hadamard", "gptq", 8, None, {**SERVED, "method": "flatquant"}),
     "W4A4 dartquant+GPTQ served": ("dartquant", "gptq", 4, None, SERVED),

@@ -170,11 +170,19 @@ def run_worker(args) -> None:
                 llm.stop_profile()
                 runs.append((kernel_times(new_trace(Path(job["profile_dir"]), seen)), wall))
             res["profile"][f"b{b}"] = decode_breakdown(runs[0][0], runs[1][0], PROFILE_STEPS, b, runs[1][1] - runs[0][1])
+        # one prefill of PROFILE_PREFILL prompts of the benchmark's prefill length (issue 16: prefill's breakdown)
+        n_pre, length = PROFILE_PREFILL, job["prefill"][1]
+        ps = prompts(n_pre, length)
+        llm.start_profile(profile_prefix="rq")
+        wall = timed(ps, 1)
+        llm.stop_profile()
+        res["profile"]["prefill"] = prefill_breakdown(kernel_times(new_trace(Path(job["profile_dir"]), seen)),
+                                                      n_pre * length, wall)
     print("RESULT " + json.dumps(res), flush=True)
     finish(llm)
 
 
-PROFILE_BATCHES, PROFILE_PROMPT, PROFILE_STEPS = (1, 64), 128, 32
+PROFILE_BATCHES, PROFILE_PROMPT, PROFILE_STEPS, PROFILE_PREFILL = (1, 64), 128, 32, 8
 KERNEL_GROUPS = (  # (label, regex on the kernel name), first match wins
     ("rotquant GEMM", r"_w4a4_kernel"), ("rotquant Hadamard+quant", r"_hadamard_quant_kernel"),
     ("rotquant quant", r"_quant_act_kernel"), ("TP communication (NCCL / custom all-reduce)",
@@ -212,18 +220,31 @@ def kernel_times(path: Path) -> dict[str, float]:
     return totals
 
 
-def decode_breakdown(prefill: dict, both: dict, steps: int, batch: int, wall_s: float) -> dict:
-    """Per decode step: kernel time by group and the top kernels (prefill-only run subtracted)."""
-    diff = {k: (both.get(k, 0.0) - prefill.get(k, 0.0)) / steps for k in both}
+def grouped(times: dict[str, float]) -> dict:
+    """Kernel times (us) by KERNEL_GROUPS label, largest first, and the top kernels."""
     groups: dict[str, float] = {}
-    for name, us in diff.items():
+    for name, us in times.items():
         label = next((g for g, rx in KERNEL_GROUPS if re.search(rx, name, re.I)), "other")
         groups[label] = groups.get(label, 0.0) + us
-    busy = sum(diff.values())
-    top = sorted(diff.items(), key=lambda kv: -kv[1])[:12]
-    return {"batch": batch, "wall_us_per_step": round(1e6 * wall_s / steps, 1), "gpu_busy_us_per_step": round(busy, 1),
+    top = sorted(times.items(), key=lambda kv: -kv[1])[:12]
+    return {"gpu_busy_us": round(sum(times.values()), 1),
             "groups_us": {k: round(v, 1) for k, v in sorted(groups.items(), key=lambda kv: -kv[1])},
-            "top_kernels_us": [(k[:90], round(v, 2)) for k, v in top]}  # an engine that once hung at interpreter exit held its call until the time limit
+            "top_kernels_us": [(k[:90], round(v, 2)) for k, v in top]}
+
+
+def decode_breakdown(prefill: dict, both: dict, steps: int, batch: int, wall_s: float) -> dict:
+    """Per decode step: kernel time by group and the top kernels (prefill-only run subtracted)."""
+    g = grouped({k: (both.get(k, 0.0) - prefill.get(k, 0.0)) / steps for k in both})
+    return {"batch": batch, "wall_us_per_step": round(1e6 * wall_s / steps, 1),
+            "gpu_busy_us_per_step": g["gpu_busy_us"], "groups_us": g["groups_us"], "top_kernels_us": g["top_kernels_us"]}
+
+
+def prefill_breakdown(times: dict, tokens: int, wall_s: float) -> dict:
+    """One batched prefill: kernel time by group (us per 1,000 tokens, so shapes and runs compare)."""
+    g = grouped({k: 1000.0 * v / tokens for k, v in times.items()})
+    return {"tokens": tokens, "wall_us_per_1k_tokens": round(1e9 * wall_s / tokens, 1),
+            "gpu_busy_us_per_1k_tokens": g["gpu_busy_us"], "groups_us": g["groups_us"],
+            "top_kernels_us": g["top_kernels_us"]}  # an engine that once hung at interpreter exit held its call until the time limit
 
 
 def run_one(variant: str, shape: str, args, work: Path) -> dict:
@@ -301,11 +322,17 @@ def profile_table(rows: list[dict]) -> str:
     lines = []
     for r in rows:
         for key, prof in (r.get("profile") or {}).items():
-            lines.append(f"\n{r['shape']} {r['variant']} decode batch {prof['batch']}: wall {prof['wall_us_per_step']} us "
-                         f"per step, GPU busy {prof['gpu_busy_us_per_step']} us")
-            lines.append("| kernels | us per step | share of busy |")
+            if key == "prefill":
+                lines.append(f"\n{r['shape']} {r['variant']} prefill of {prof['tokens']} tokens: wall "
+                             f"{prof['wall_us_per_1k_tokens']} us per 1,000 tokens, GPU busy {prof['gpu_busy_us_per_1k_tokens']} us")
+                lines.append("| kernels | us per 1,000 tokens | share of busy |")
+                busy = max(prof["gpu_busy_us_per_1k_tokens"], 1e-9)
+            else:
+                lines.append(f"\n{r['shape']} {r['variant']} decode batch {prof['batch']}: wall {prof['wall_us_per_step']} us "
+                             f"per step, GPU busy {prof['gpu_busy_us_per_step']} us")
+                lines.append("| kernels | us per step | share of busy |")
+                busy = max(prof["gpu_busy_us_per_step"], 1e-9)
             lines.append("| --- | ---: | ---: |")
-            busy = max(prof["gpu_busy_us_per_step"], 1e-9)
             for g, us in prof["groups_us"].items():
                 lines.append(f"| {g} | {us:.1f} | {100 * us / busy:.0f} % |")
     return "\n".join(lines)
@@ -326,7 +353,8 @@ def main() -> None:
     ap.add_argument("--device-check", choices=["yes", "no"], default="yes", help="'no': CPU dry run")
     ap.add_argument("--profile", nargs="*", default=[], choices=list(VARIANTS),
                     help="variants to profile after measuring (torch profiler in the engine: kernel time per "
-                         f"decode step at batch {PROFILE_BATCHES}, {PROFILE_PROMPT}-token prompts)")
+                         f"decode step at batch {PROFILE_BATCHES}, {PROFILE_PROMPT}-token prompts; one prefill of "
+                         f"{PROFILE_PREFILL} prompts)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:

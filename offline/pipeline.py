@@ -68,6 +68,7 @@ class QuantizeReport:
     out: str | None = None
     output_mb: float | None = None
     transform_s: float | None = None  # --method: the input transforms calibrated, absorbed and hooked
+    smooth_s: float | None = None  # --smooth (or the default's AWQ): the scales searched and absorbed (in prepare_s)
 
     def summary(self) -> dict[str, Any]:
         """Flat JSON-able summary (what `rotquant quantize` prints); unset timings are left out."""
@@ -79,7 +80,10 @@ class QuantizeReport:
                "peak_memory_mb": round(self.peak_memory_mb, 1), "output_mb": self.output_mb}
         if o.method != "none":
             out["method"] = o.method
-        for key in ("load_s", "prepare_s", "rotation_s", "transform_s", "weights_s", "write_s", "act_clip_s"):
+        if o.resolved_smooth != "none":
+            out["smooth"] = o.resolved_smooth
+        for key in ("load_s", "prepare_s", "smooth_s", "rotation_s", "transform_s", "weights_s", "write_s",
+                    "act_clip_s"):
             value = getattr(self, key)
             if value is not None:
                 out[key] = round(value, 1)
@@ -308,7 +312,8 @@ def quantize_model(model, tokenizer, options: QuantizeOptions = QuantizeOptions(
         calib_tokens=spec.calibration["tokens"], act_clip_ratio=spec.act_clip_ratio, prepare_s=prepare_s,
         rotation_s=rotation_s, weights_s=weights_s, peak_memory_mb=peak_memory_mb(opts.device),
         seconds=time.time() - t0, dartquant=dq_run, spinquant=sq_run, calib_windows=windows,
-        transform_s=transform_record["seconds"] if transform_record else None)
+        transform_s=transform_record["seconds"] if transform_record else None,
+        smooth_s=smooth_record["seconds"] if smooth_record else None)
     return tensors, spec, report
 
 

@@ -91,9 +91,10 @@ def test_cli_smooth_is_recorded(tmp_path, calib_file, capsys):
     assert cli.main(["quantize", str(src), str(out), "--weights", "rtn", "--act-clip", "0.9", "--smooth", "smoothquant",
                      "--smooth-alpha", "0.6", "--calib", calib_file, "--calib-tokens", "128", "--calib-seq-len", "64",
                      "--json"]) == 0
-    capsys.readouterr()
+    summary = json.loads(capsys.readouterr().out)
     rec = json.loads((out / "config.json").read_text())["quantization_config"]["calibration"]["smooth"]
     assert rec["alpha"] == 0.6 and len(rec["down_input_max_over_median"]) == 2 and rec["seconds"] >= 0
+    assert summary["smooth"] == "smoothquant" and summary["smooth_s"] == rec["seconds"]
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
