@@ -126,7 +126,7 @@ def untie_embeddings(model) -> None:
 
 def _scale_columns(linear: nn.Linear, gamma: torch.Tensor) -> None:
     w = linear.weight.data
-    linear.weight.data = (w.double() * gamma.double()[None, :]).to(w.dtype)
+    linear.weight.data = (w.double() * gamma.to(w.device, torch.float64)[None, :]).to(w.dtype)
 
 
 def fold_norms(model) -> None:
