@@ -185,9 +185,11 @@ def run_worker(args) -> None:
 PROFILE_BATCHES, PROFILE_PROMPT, PROFILE_STEPS, PROFILE_PREFILL = (1, 64), 128, 32, 8
 KERNEL_GROUPS = (  # (label, regex on the kernel name), first match wins
     ("rotquant GEMM", r"_w4a4_kernel"), ("rotquant Hadamard+quant", r"_hadamard_quant_kernel"),
-    ("rotquant quant", r"_quant_act_kernel"), ("TP communication (NCCL / custom all-reduce)",
-                                                 r"nccl|all_?reduce|all_?gather|cross_device"),
-    ("attention", r"flash|fmha|attn|attention"),
+    ("rotquant quant", r"_quant_act_kernel"), ("rotquant transform (+quant)", r"_kron_quant_kernel|_block_transform"),
+    ("TP communication (NCCL / custom all-reduce)", r"nccl|all_?reduce|all_?gather|cross_device"),
+    # Inductor's kernels (FP8's carry its activation quantizer: "..._cutlass_scaled_mm_div_..._rms_norm")
+    ("norm / rope / act (Inductor; FP8's with its quantizer)", r"^triton_"),
+    ("attention (+ KV-cache write)", r"flash|fmha|attn|attention"),
     ("fp8/int8 GEMM", r"cutlass|sm90_xmma|gemm.*(e4m3|fp8|s8)|machete|marlin"),
     ("bf16 GEMM (cuBLAS)", r"gemm|gemv|nvjet|cublas|splitK|xmma"), ("norm / rope / act (fused)", r"triton_|rms|rotary|silu"),
 )

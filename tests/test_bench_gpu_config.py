@@ -40,11 +40,12 @@ def test_gptq_variant_quantizes_every_linear(shape, tmp_path):
 def test_profile_breakdowns_group_and_scale_the_kernels():
     bench = _bench()
     pre = bench.prefill_breakdown({"_w4a4_kernel": 3000.0, "_quant_act_kernel": 1000.0, "flash_fwd": 2000.0,
-                                   "some_kernel": 500.0}, tokens=2000, wall_s=0.01)
-    assert pre["groups_us"] == {"rotquant GEMM": 1500.0, "attention": 1000.0, "rotquant quant": 500.0, "other": 250.0}
-    assert pre["gpu_busy_us_per_1k_tokens"] == 3250.0 and pre["wall_us_per_1k_tokens"] == 5000.0
+                                   "some_kernel": 500.0, "triton_red_fused_cutlass_scaled_mm_rms_norm": 100.0}, tokens=2000, wall_s=0.01)
+    assert pre["groups_us"] == {"rotquant GEMM": 1500.0, "attention (+ KV-cache write)": 1000.0, "rotquant quant": 500.0,
+                                "other": 250.0, "norm / rope / act (Inductor; FP8's with its quantizer)": 50.0}
+    assert pre["gpu_busy_us_per_1k_tokens"] == 3300.0 and pre["wall_us_per_1k_tokens"] == 5000.0
     dec = bench.decode_breakdown({"_w4a4_kernel": 100.0}, {"_w4a4_kernel": 420.0, "flash_fwd": 64.0}, steps=32,
                                  batch=1, wall_s=0.0032)
-    assert dec["groups_us"] == {"rotquant GEMM": 10.0, "attention": 2.0} and dec["wall_us_per_step"] == 100.0
+    assert dec["groups_us"] == {"rotquant GEMM": 10.0, "attention (+ KV-cache write)": 2.0} and dec["wall_us_per_step"] == 100.0
     text = bench.profile_table([{"shape": "s", "variant": "w4a4", "profile": {"b1": dec, "prefill": pre}}])
-    assert "decode batch 1" in text and "prefill of 2000 tokens" in text and "| rotquant GEMM | 1500.0 | 46 % |" in text
+    assert "decode batch 1" in text and "prefill of 2000 tokens" in text and "| rotquant GEMM | 1500.0 | 45 % |" in text
