@@ -136,22 +136,22 @@ def kronecker_factors(k: int, kind: str) -> tuple[int, int]:
 def _householder_to_uniform(c: torch.Tensor, b: int) -> torch.Tensor:
     """[G, b, b] orthogonal reflections H_g with e_{c_g}^T H_g = (1, ..., 1)/sqrt(b)."""
     g = c.shape[0]
-    u = torch.full((g, b), 1.0 / math.sqrt(b), dtype=torch.float64)
+    u = torch.full((g, b), 1.0 / math.sqrt(b), dtype=torch.float64, device=c.device)
     v = -u
-    v[torch.arange(g), c] += 1.0
+    v[torch.arange(g, device=c.device), c] += 1.0
     norm2 = (v * v).sum(-1, keepdim=True)
-    eye = torch.eye(b, dtype=torch.float64).expand(g, b, b)
+    eye = torch.eye(b, dtype=torch.float64, device=c.device).expand(g, b, b)
     ok = norm2 > 1e-12  # e_c already uniform (b = 1): no reflection
     h = eye - 2.0 * v[:, :, None] * v[:, None, :] / torch.where(ok, norm2, torch.ones_like(norm2))[:, :, None]
     return torch.where(ok[:, :, None], h, eye)
 
 
 def greedy_block_rotation(s: torch.Tensor, block: int, steps: int) -> torch.Tensor:
-    """DuQuant's greedy rotation of every block of s [n, K] (float64) -> [K/block, block, block]."""
+    """DuQuant's greedy rotation of every block of s [n, K] (float64, on its device) -> [K/block, block, block]."""
     n, k = s.shape
     g = k // block
     sb = s.reshape(n, g, block).transpose(0, 1)  # [G, n, b]
-    rot = torch.eye(block, dtype=torch.float64).repeat(g, 1, 1)
+    rot = torch.eye(block, dtype=torch.float64, device=s.device).repeat(g, 1, 1)
     cur = sb.abs().amax(dim=(1, 2))
     for _ in range(steps):
         z = sb @ rot
@@ -184,24 +184,27 @@ def zigzag_permutation(m: torch.Tensor, block: int, chunk: int) -> torch.Tensor:
 
 
 def duquant_transform(kind: str, sample: torch.Tensor, amax: torch.Tensor, weights: list[torch.Tensor],
-                      tp_sizes: tuple[int, ...], opts) -> Transform:
+                      tp_sizes: tuple[int, ...], opts, device: torch.device | str = "cpu") -> Transform:
     """DuQuant's transform of one input from a token sample [n, K], its channel maxima over all
-    calibration tokens [K] and the readers' weights [N_i, K]."""
+    calibration tokens [K] and the readers' weights [N_i, K]; the greedy rotations run in float64
+    on `device` (the calibration device), the tensors come back on the CPU."""
     k = sample.shape[1]
     block = duquant_block(kind, k, tp_sizes, opts.block)
+    amax = amax.to(device, torch.float64)
     if opts.alpha > 0:
-        wmax = torch.cat([w.detach().double().abs() for w in weights]).amax(dim=0)
-        s = amax.double().clamp_min(EPS) ** opts.alpha / wmax.clamp_min(EPS) ** (1 - opts.alpha)
+        wmax = torch.cat([w.detach().to(device, torch.float64).abs() for w in weights]).amax(dim=0)
+        s = amax.clamp_min(EPS) ** opts.alpha / wmax.clamp_min(EPS) ** (1 - opts.alpha)
         diag = (1.0 / s).float()
     else:
-        diag = torch.ones(k)
-    rows = torch.cat([sample.double(), amax.double()[None]]) * diag.double()  # the maxima: DuQuant's statistic
+        diag = torch.ones(k, device=device)
+    # the sampled tokens and the maxima (DuQuant's statistic), smoothed
+    rows = torch.cat([sample.to(device, torch.float64), amax[None]]) * diag.double()
     rot1 = greedy_block_rotation(rows, block, opts.steps)
     y = torch.einsum("mgi,gij->mgj", rows.reshape(-1, k // block, block), rot1).reshape(-1, k)
-    perm = zigzag_permutation(y.abs().amax(dim=0), block, rank_chunk(kind, k, tp_sizes))
-    rot2 = greedy_block_rotation(y[:, perm.long()], block, opts.steps)
+    perm = zigzag_permutation(y.abs().amax(dim=0).cpu(), block, rank_chunk(kind, k, tp_sizes))
+    rot2 = greedy_block_rotation(y[:, perm.long().to(device)], block, opts.steps)
     return Transform(InputTransform(kind, "block_rotation", block=block),
-                     {"diag": diag, "rot1": rot1.float(), "perm": perm, "rot2": rot2.float()})
+                     {"diag": diag.cpu(), "rot1": rot1.float().cpu(), "perm": perm, "rot2": rot2.float().cpu()})
 
 
 class _Collect:
@@ -368,9 +371,9 @@ def calibrate_transforms(model, windows: torch.Tensor, opts, tp_sizes: tuple[int
                     h.remove()
             found = {}
             for kind in kinds:
-                ws = [arch.get(layer, p).weight.data.cpu() for p in readers[kind]]
+                ws = [arch.get(layer, p).weight.data for p in readers[kind]]
                 found[kind] = duquant_transform(kind, torch.cat(collect[kind].rows), collect[kind].amax, ws,
-                                                tp_sizes, topt)
+                                                tp_sizes, topt, device)
         else:
             inputs.batch_size, saved = topt.batch, inputs.batch_size
             try:

@@ -165,3 +165,24 @@ def test_act_clip_search_on_device_matches_cpu(src, calib_file, tmp_path):
         assert qc["act_clip_ratio"] == rec["chosen"] == float(min(rec["nll"], key=rec["nll"].get))
     for clip in set(recs["cpu"]["nll"]) & set(recs[DEVICE]["nll"]):
         assert recs[DEVICE]["nll"][clip] == pytest.approx(recs["cpu"]["nll"][clip], rel=2e-2), clip
+
+
+def test_duquant_transform_on_device_matches_cpu():
+    """DuQuant's greedy rotations run in float64 on the calibration device: the same transform."""
+    from vllm_rotquant.offline import transforms as tf
+    from vllm_rotquant.offline.options import TransformOptions
+
+    g = torch.Generator().manual_seed(0)
+    k = 384
+    sample = torch.randn(257, k, generator=g)
+    sample[:, [3, 70, 200]] *= 25.0
+    amax = sample.abs().amax(dim=0) * 1.5
+    weights = [torch.randn(64, k, generator=g), torch.randn(32, k, generator=g)]
+    opts = TransformOptions(block=64)
+    cpu = tf.duquant_transform("down", sample, amax, weights, (1, 2), opts, "cpu")
+    dev = tf.duquant_transform("down", sample.to(DEVICE), amax.to(DEVICE), [w.to(DEVICE) for w in weights], (1, 2),
+                               opts, DEVICE)
+    assert all(t.device.type == "cpu" for t in dev.tensors.values())
+    assert torch.equal(dev.tensors["perm"], cpu.tensors["perm"])
+    for name in ("diag", "rot1", "rot2"):
+        torch.testing.assert_close(dev.tensors[name], cpu.tensors[name], rtol=1e-6, atol=1e-6)
