@@ -365,7 +365,9 @@ def calibrate_transforms(model, windows: torch.Tensor, opts, tp_sizes: tuple[int
             collect = {kind: _Collect(math.ceil(topt.tokens / n_batches), gen) for kind in kinds}
             hs = [arch.get(layer, readers[kind][0]).register_forward_pre_hook(collect[kind]) for kind in kinds]
             try:
-                calibrate.run_layer(layer, inputs, keep_outputs=False)
+                # the float layer's outputs are the transformed layer's (M and W M^-T cancel up to
+                # float32 rounding): the statistics pass gives the next layer's inputs, one pass less
+                outputs = calibrate.run_layer(layer, inputs)
             finally:
                 for h in hs:
                     h.remove()
@@ -375,6 +377,7 @@ def calibrate_transforms(model, windows: torch.Tensor, opts, tp_sizes: tuple[int
                 found[kind] = duquant_transform(kind, torch.cat(collect[kind].rows), collect[kind].amax, ws,
                                                 tp_sizes, topt, device)
         else:
+            outputs = None
             inputs.batch_size, saved = topt.batch, inputs.batch_size
             try:
                 found = flatquant_layer(layer, arch, inputs, kinds, lambda p: opts.act_for(p, opts.initial_clip),
@@ -384,7 +387,7 @@ def calibrate_transforms(model, windows: torch.Tensor, opts, tp_sizes: tuple[int
         for kind, t in found.items():
             handles += absorb_and_hook(layer, arch, kind, t)
             transforms[(i, kind)] = t
-        inputs.hidden = calibrate.run_layer(layer, inputs)
+        inputs.hidden = outputs if outputs is not None else calibrate.run_layer(layer, inputs)
         layer.to("cpu")
     record = {"method": opts.method, **dataclasses.asdict(topt), "kinds": list(kinds),
               "seconds": round(time.time() - t0, 1)}

@@ -122,8 +122,11 @@ def _logits(model, ids):
 
 
 @pytest.mark.parametrize("method", ["duquant", "flatquant"])
-def test_calibrated_transforms_leave_the_float_model_unchanged(src, method, calib_file):
+def test_calibrated_transforms_leave_the_float_model_unchanged(src, method, calib_file, monkeypatch):
     ids = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(0))
+    passes = []
+    run_layer = tf.calibrate.run_layer
+    monkeypatch.setattr(tf.calibrate, "run_layer", lambda *a, **kw: passes.append(1) or run_layer(*a, **kw))
     model = load_hf_model(src)
     rotate.fold_norms(model)
     before = _logits(model, ids)
@@ -133,6 +136,8 @@ def test_calibrated_transforms_leave_the_float_model_unchanged(src, method, cali
     handles, found, record = tf.calibrate_transforms(model, windows, opts, (1,))
     assert len(found) == 4 * model.config.num_hidden_layers and record["method"] == method
     assert len(handles) == 7 * model.config.num_hidden_layers  # every reader of every input is hooked
+    if method == "duquant":  # the statistics pass gives the next layer's inputs: one pass a layer
+        assert len(passes) == model.config.num_hidden_layers
     after = _logits(model, ids)
     assert (after - before).abs().max() < 1e-3 * before.abs().max()
     t = found[(0, "qkv")]
