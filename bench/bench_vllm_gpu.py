@@ -183,15 +183,16 @@ def run_worker(args) -> None:
 
 
 PROFILE_BATCHES, PROFILE_PROMPT, PROFILE_STEPS, PROFILE_PREFILL = (1, 64), 128, 32, 8
+NORMS = "norm / rope / act (Inductor; FP8's with its quantizer)"
 KERNEL_GROUPS = (  # (label, regex on the kernel name), first match wins
     ("rotquant GEMM", r"_w4a4_kernel"), ("rotquant Hadamard+quant", r"_hadamard_quant_kernel"),
     ("rotquant quant", r"_quant_act_kernel"), ("rotquant transform (+quant)", r"_kron_quant_kernel|_block_transform"),
     ("TP communication (NCCL / custom all-reduce)", r"nccl|all_?reduce|all_?gather|cross_device"),
     # Inductor's kernels (FP8's carry its activation quantizer: "..._cutlass_scaled_mm_div_..._rms_norm")
-    ("norm / rope / act (Inductor; FP8's with its quantizer)", r"^triton_"),
+    (NORMS, r"^triton_"),
     ("attention (+ KV-cache write)", r"flash|fmha|attn|attention"),
     ("fp8/int8 GEMM", r"cutlass|sm90_xmma|gemm.*(e4m3|fp8|s8)|machete|marlin"),
-    ("bf16 GEMM (cuBLAS)", r"gemm|gemv|nvjet|cublas|splitK|xmma"), ("norm / rope / act (fused)", r"triton_|rms|rotary|silu"),
+    ("bf16 GEMM (cuBLAS)", r"gemm|gemv|nvjet|cublas|splitK|xmma"), (NORMS, r"rms|rotary|silu"),
 )
 
 
@@ -246,7 +247,7 @@ def prefill_breakdown(times: dict, tokens: int, wall_s: float) -> dict:
     g = grouped({k: 1000.0 * v / tokens for k, v in times.items()})
     return {"tokens": tokens, "wall_us_per_1k_tokens": round(1e9 * wall_s / tokens, 1),
             "gpu_busy_us_per_1k_tokens": g["gpu_busy_us"], "groups_us": g["groups_us"],
-            "top_kernels_us": g["top_kernels_us"]}  # an engine that once hung at interpreter exit held its call until the time limit
+            "top_kernels_us": g["top_kernels_us"]}
 
 
 def run_one(variant: str, shape: str, args, work: Path) -> dict:

@@ -361,6 +361,7 @@ def calibrate_transforms(model, windows: torch.Tensor, opts, tp_sizes: tuple[int
     handles, transforms = [], {}
     for i, layer in enumerate(tqdm(arch.decoder_layers(model), desc=f"{opts.method} transforms", unit="layer")):
         layer.to(device)
+        outputs = None  # the next layer's inputs, when a calibration pass already made them
         if opts.method == "duquant":
             collect = {kind: _Collect(math.ceil(topt.tokens / n_batches), gen) for kind in kinds}
             hs = [arch.get(layer, readers[kind][0]).register_forward_pre_hook(collect[kind]) for kind in kinds]
@@ -377,7 +378,6 @@ def calibrate_transforms(model, windows: torch.Tensor, opts, tp_sizes: tuple[int
                 found[kind] = duquant_transform(kind, torch.cat(collect[kind].rows), collect[kind].amax, ws,
                                                 tp_sizes, topt, device)
         else:
-            outputs = None
             inputs.batch_size, saved = topt.batch, inputs.batch_size
             try:
                 found = flatquant_layer(layer, arch, inputs, kinds, lambda p: opts.act_for(p, opts.initial_clip),
